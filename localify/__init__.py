@@ -1,0 +1,60 @@
+"""localify: turn any Vision Transformer into a LocalViT.
+
+A torch.export graph pass finds the transformer MLPs of a model (timm, Hugging Face or your own), infers
+the token grid and prefix tokens each one sees, and splices a depth-wise convolution between the two
+point-wise layers, initialised so that the model computes exactly what it computed before.
+
+Example::
+
+    import timm, localify
+    model = timm.create_model("deit_tiny_patch16_224")
+    print(localify.find_mlps(model))               # dry run: every MLP, its tokens, convertible or why not
+    model = localify.localify(model, layers="1-4") # the same object back, converted
+"""
+
+from ._convert import LocalifyConfig, localify
+from ._grid import GridSpec
+from ._locate import MLPSite, Plan, TokenLayout, find_mlps
+from ._select import parse_layers
+from .errors import (
+    AlreadyLocalifiedError,
+    CheckpointError,
+    ConfigError,
+    ExampleInputError,
+    FuseError,
+    LayerSpecError,
+    LocalifyError,
+    ModelSourceError,
+    NoMLPFoundError,
+    NotLocalifiableError,
+    SavedModelError,
+    TraceError,
+)
+from .layers import LocalityLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "localify",
+    "find_mlps",
+    "parse_layers",
+    "LocalifyConfig",
+    "Plan",
+    "MLPSite",
+    "TokenLayout",
+    "GridSpec",
+    "LocalityLinear",
+    "LocalifyError",
+    "TraceError",
+    "ExampleInputError",
+    "NoMLPFoundError",
+    "LayerSpecError",
+    "NotLocalifiableError",
+    "AlreadyLocalifiedError",
+    "ConfigError",
+    "FuseError",
+    "ModelSourceError",
+    "CheckpointError",
+    "SavedModelError",
+    "__version__",
+]

@@ -1,0 +1,268 @@
+"""Tracing: example inputs, one ``torch.export`` of the model, and a record of every module call.
+
+The graph gives the dataflow (which Linear feeds which, how tokens were built); the module-call record
+gives what each module saw at its boundary (tensor shapes, int arguments), which is where a converted
+block reads its token grid from at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .errors import ExampleInputError, TraceError
+
+__all__ = ["ExampleInputs", "Trace", "make_example_inputs", "trace_model", "record_calls"]
+
+EXAMPLE_BATCH = 2
+
+
+@dataclass
+class ExampleInputs:
+    """Positional and keyword arguments for one forward call, and where the image sits among them."""
+
+    args: tuple
+    kwargs: dict
+    image_key: tuple | None = None  # pytree key path of the image tensor inside (args, kwargs)
+
+    @property
+    def image(self) -> torch.Tensor | None:
+        if self.image_key is None:
+            return None
+        return pytree.key_get((self.args, self.kwargs), self.image_key)
+
+    def resized(self, size: tuple[int, int], extra_kwargs: dict | None = None) -> ExampleInputs:
+        """The same call with the image replaced by a random one of spatial ``size``."""
+        img = self.image
+        if img is None:
+            raise ExampleInputError("the example inputs hold no image tensor (B, C, H, W) to resize")
+        new = torch.randn(*img.shape[:-2], *size, dtype=img.dtype, device=img.device)
+        leaves, spec = pytree.tree_flatten_with_path((self.args, self.kwargs))
+        vals = [new if kp == self.image_key else v for kp, v in leaves]
+        args, kwargs = pytree.tree_unflatten(vals, spec)
+        kwargs = {**kwargs, **(extra_kwargs or {})}
+        return ExampleInputs(tuple(args), kwargs, self.image_key)
+
+
+@dataclass
+class CallRecord:
+    """What one module call saw at its boundary: tensor shapes and int values, by pytree key path."""
+
+    order: int
+    path: str
+    phase: str  # "input" or "output"
+    tensors: list[tuple[tuple, tuple[int, ...]]] = field(default_factory=list)
+    ints: list[tuple[tuple, int]] = field(default_factory=list)
+
+
+@dataclass
+class Trace:
+    """An exported graph of the model plus the module-call record taken while exporting."""
+
+    program: Any  # torch.export.ExportedProgram
+    graph: torch.fx.Graph
+    param_names: dict[str, str]  # placeholder name -> parameter / buffer FQN
+    user_inputs: set[str]
+    calls: list[CallRecord]
+    example: ExampleInputs
+    batch: int
+
+
+def _find_image_key(args: tuple, kwargs: dict) -> tuple | None:
+    leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
+    for kp, v in leaves:
+        if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point():
+            return kp
+    return None
+
+
+def _as_size(v: Any) -> tuple[int, int] | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    return None
+
+
+def _hf_config(model: nn.Module) -> Any | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return None
+    if getattr(cfg, "image_size", None) is None and hasattr(cfg, "vision_config"):
+        return None
+    return cfg
+
+
+def make_example_inputs(
+    model: nn.Module, example_inputs: Any = None, *, batch: int = EXAMPLE_BATCH
+) -> ExampleInputs:
+    """Build (or normalise) the example inputs used to trace ``model``.
+
+    ``example_inputs`` may be a tensor, a tuple of positional arguments, a dict of keyword arguments, or a
+    ``(args, kwargs)`` pair. Without it, the size comes from the model's own configuration: a Hugging Face
+    ``config.image_size`` / ``num_channels``, else an ``img_size`` attribute of the model or one of its
+    modules (timm's patch embeddings, most user-written ViTs), else timm's ``pretrained_cfg["input_size"]``.
+    """
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            args, kwargs = (example_inputs,), {}
+        elif isinstance(example_inputs, dict):
+            args, kwargs = (), dict(example_inputs)
+        elif (
+            isinstance(example_inputs, (tuple, list))
+            and len(example_inputs) == 2
+            and isinstance(example_inputs[0], (tuple, list))
+            and isinstance(example_inputs[1], dict)
+        ):
+            args, kwargs = tuple(example_inputs[0]), dict(example_inputs[1])
+        elif isinstance(example_inputs, (tuple, list)):
+            args, kwargs = tuple(example_inputs), {}
+        else:
+            raise ExampleInputError(
+                f"example_inputs must be a tensor, a tuple of arguments, a dict of keyword arguments or an "
+                f"(args, kwargs) pair; got {type(example_inputs).__name__}"
+            )
+        return ExampleInputs(args, kwargs, _find_image_key(args, kwargs))
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    cfg = _hf_config(model)
+    if cfg is not None:
+        size = _as_size(getattr(cfg, "image_size", None))
+        chans = getattr(cfg, "num_channels", 3)
+        if size is None:
+            raise ExampleInputError(
+                f"{type(model).__name__} has a Hugging Face config without an image_size (found "
+                f"{getattr(cfg, 'image_size', None)!r}); pass example_inputs={{'pixel_values': tensor}}"
+            )
+        x = torch.randn(batch, chans, *size, device=device, dtype=dtype)
+        return ExampleInputs((), {"pixel_values": x}, (pytree.SequenceKey(1), pytree.MappingKey("pixel_values")))
+
+    size = None
+    for mod in model.modules():
+        size = _as_size(getattr(mod, "img_size", None))
+        if size is not None:
+            break
+    chans = getattr(model, "in_chans", None)
+    cfg_size = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if isinstance(cfg_size, dict) and "input_size" in cfg_size:
+        c, h, w = cfg_size["input_size"]
+        chans = chans or c
+        size = size or (h, w)
+    if size is None:
+        raise ExampleInputError(
+            f"cannot tell which input {type(model).__name__} expects: it has no Hugging Face config, no "
+            f"img_size attribute and no timm pretrained_cfg; pass example_inputs=torch.randn(2, 3, H, W)"
+        )
+    x = torch.randn(batch, chans or 3, *size, device=device, dtype=dtype)
+    return ExampleInputs((x,), {}, (pytree.SequenceKey(0), pytree.SequenceKey(0)))
+
+
+def accepts_kwarg(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode, restoring each module's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(s) for s in t.shape)
+    except Exception:  # symbolic sizes that cannot be made concrete
+        return None
+
+
+@contextlib.contextmanager
+def record_calls(model: nn.Module, calls: list[CallRecord]) -> Iterator[None]:
+    """Record, for every module call, the shapes of the tensors and the ints it took and returned."""
+    counter = [0]
+    handles = []
+
+    def add(path: str, phase: str, obj: Any) -> None:
+        rec = CallRecord(counter[0], path, phase)
+        counter[0] += 1
+        try:
+            leaves, _ = pytree.tree_flatten_with_path(obj)
+        except Exception:
+            leaves = []
+        for kp, v in leaves:
+            if isinstance(v, torch.Tensor):
+                shp = _shape(v)
+                if shp is not None:
+                    rec.tensors.append((kp, shp))
+            elif isinstance(v, int) and not isinstance(v, bool):
+                rec.ints.append((kp, int(v)))
+        calls.append(rec)
+
+    for path, mod in model.named_modules():
+        def pre(m, args, kwargs, _p=path):
+            add(_p, "input", (args, kwargs))
+
+        def post(m, args, kwargs, out, _p=path):
+            add(_p, "output", out)
+
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def trace_model(model: nn.Module, example: ExampleInputs) -> Trace:
+    """Export ``model`` once (``torch.export``, non-strict) in eval mode, recording module calls."""
+    calls: list[CallRecord] = []
+    try:
+        with eval_mode(model), record_calls(model, calls), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, example.args, example.kwargs, strict=False)
+    except Exception as e:  # the tracer's own reason is the useful part
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__} with the example inputs "
+            f"({_describe(example)}): {type(e).__name__}: {reason}. Pass example_inputs= matching the "
+            f"model's forward (a tensor, a tuple, or a dict such as {{'pixel_values': x}})."
+        ) from e
+    sig = program.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    names.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+    batch = EXAMPLE_BATCH
+    img = example.image
+    if img is not None:
+        batch = int(img.shape[0])
+    return Trace(program, program.graph, names, set(sig.user_inputs), calls, example, batch)
+
+
+def _describe(example: ExampleInputs) -> str:
+    parts = [f"arg{i}: {_desc(a)}" for i, a in enumerate(example.args)]
+    parts += [f"{k}: {_desc(v)}" for k, v in example.kwargs.items()]
+    return ", ".join(parts) or "no inputs"
+
+
+def _desc(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)}"
+    return type(v).__name__

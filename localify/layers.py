@@ -1,0 +1,114 @@
+"""The modules localify splices into a model.
+
+:class:`LocalityLinear` wraps a first-layer projection of an MLP (fc1): the original Linear runs first,
+then a depth-wise convolution runs over the token grid of its output, while prefix tokens (class,
+distillation, register) and suffix tokens (detection) skip only the convolution. Initialised with an
+identity (Dirac) kernel, the MLP computes exactly what it computed before (the ``fc1 -> dw -> act -> fc2``
+order of PVTv2's ConvFFN).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._grid import GridSource, check_tokens
+
+__all__ = ["LocalityLinear", "tokens_to_grid", "grid_to_tokens"]
+
+
+def tokens_to_grid(x: torch.Tensor, hw: tuple[Any, Any]) -> torch.Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W) image; a view (channels-last strides) when ``x`` is contiguous."""
+    return x.unflatten(1, hw).permute(0, 3, 1, 2)
+
+
+def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) image -> (B, H*W, C) tokens; a view when ``x`` is channels-last."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+class LocalityLinear(nn.Module):
+    """A Linear followed by a depth-wise conv over the token grid; extra tokens skip the conv.
+
+    Args:
+        linear: the original projection, kept as it is (weights, bias, class).
+        grid: where the token grid is read at run time.
+        prefix: tokens before the grid (class, distillation, registers).
+        suffix: tokens after the grid (e.g. detection tokens).
+        kernel_size: size of the depth-wise kernel.
+        residual: if True the block computes ``h + dw(h)`` with ``dw`` zero-initialised; otherwise ``dw(h)``
+            with an identity (Dirac) kernel. Both are exact at conversion.
+        layout: ``"BNC"`` for (B, N, C) tokens, ``"BHWC"`` for (B, H, W, C) feature maps.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        grid: GridSource | None,
+        prefix: int = 0,
+        suffix: int = 0,
+        kernel_size: int = 3,
+        residual: bool = False,
+        layout: str = "BNC",
+    ) -> None:
+        super().__init__()
+        self.linear = linear
+        self.prefix = prefix
+        self.suffix = suffix
+        self.residual = residual
+        self.layout = layout
+        self.grid_source = grid
+        ch = linear.out_features
+        w = linear.weight
+        self.dwconv = nn.Conv2d(
+            ch, ch, kernel_size, padding=kernel_size // 2, groups=ch, bias=False, device=w.device, dtype=w.dtype
+        )
+        self.reset_locality()
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads mlp.fc1.weight keeps working
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    @torch.no_grad()
+    def reset_locality(self) -> None:
+        """Re-initialise the depth-wise kernel so the block computes the original projection exactly."""
+        w = self.dwconv.weight
+        w.zero_()
+        if not self.residual:
+            k = w.shape[-1] // 2
+            w[:, 0, k, k] = 1.0
+
+    def extra_repr(self) -> str:
+        return (f"prefix={self.prefix}, suffix={self.suffix}, residual={self.residual}, layout={self.layout}")
+
+    def _conv(self, g: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(g)
+        return g + y if self.residual else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        if self.layout == "BHWC":
+            return self._conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        hw = self.grid_source.get()
+        n = y.shape[1]
+        p, s = self.prefix, self.suffix
+        check_tokens(n, hw, p, s)
+        if p == 0 and s == 0:
+            return grid_to_tokens(self._conv(tokens_to_grid(y, hw)))
+        g = y.narrow(1, p, n - p - s).contiguous()
+        z = grid_to_tokens(self._conv(tokens_to_grid(g, hw)))
+        return torch.cat([y[:, :p], z, y[:, n - s:]], dim=1)
