@@ -179,7 +179,14 @@ class MLPMatch:
 
     @property
     def input(self) -> fx.Node:
-        return self.fc1[0].args[0]
+        return _strip_slices(self.fc1[0].args[0])
+
+
+def _strip_slices(node: fx.Node) -> fx.Node:
+    """The tensor a chain of token slices was taken from (a converted fc1 projects slices of its input)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and op_name(node) in ("slice", "narrow"):
+        node = node.args[0]
+    return node
 
 
 def _is_linear(node: fx.Node) -> bool:
@@ -260,7 +267,11 @@ def match_mlps(idx: GraphIndex) -> list[MLPMatch]:
         if not ok or not found_first:
             continue
         first = [n for n in first if n in found_first]
-        inputs = {n.args[0] for n in first}
+        by_weight: dict[Any, fx.Node] = {}
+        for n in sorted(first, key=idx.order.__getitem__):
+            by_weight.setdefault(n.args[1], n)  # one node per projection (a converted fc1 runs it twice)
+        first = list(by_weight.values())
+        inputs = {_strip_slices(n.args[0]) for n in first}
         if len(inputs) != 1:
             continue
         acts = [op_name(n) for n in sorted(body, key=idx.order.__getitem__) if op_name(n) in ACTIVATIONS]

@@ -100,15 +100,20 @@ class LocalityLinear(nn.Module):
         return g + y if self.residual else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
         if self.layout == "BHWC":
-            return self._conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return self._conv(self.linear(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         hw = self.grid_source.get()
-        n = y.shape[1]
+        n = x.shape[1]
         p, s = self.prefix, self.suffix
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
-            return grid_to_tokens(self._conv(tokens_to_grid(y, hw)))
-        g = y.narrow(1, p, n - p - s).contiguous()
-        z = grid_to_tokens(self._conv(tokens_to_grid(g, hw)))
-        return torch.cat([y[:, :p], z, y[:, n - s:]], dim=1)
+            return grid_to_tokens(self._conv(tokens_to_grid(self.linear(x), hw)))
+        # project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
+        # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately
+        z = grid_to_tokens(self._conv(tokens_to_grid(self.linear(x[:, p:n - s]), hw)))
+        parts = [z]
+        if p:
+            parts.insert(0, self.linear(x[:, :p]))
+        if s:
+            parts.append(self.linear(x[:, n - s:]))
+        return torch.cat(parts, dim=1)

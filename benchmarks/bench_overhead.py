@@ -1,0 +1,73 @@
+"""Runtime overhead of a conversion, measured against the original model in the same, interleaved run.
+
+    python benchmarks/bench_overhead.py                      # deit_tiny, default variant, batch 1 and 16
+    python benchmarks/bench_overhead.py --model deit_small_patch16_224 --batches 1 8 --threads 2
+
+Each round times the original and the converted model back to back (inference mode, 224x224, random
+weights), so machine noise hits both; the table shows medians over rounds and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import timm
+import torch
+
+import localify
+
+
+def _time(model, x, iters: int) -> float:
+    t = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    return (time.perf_counter() - t) / iters
+
+
+def bench(model_name: str, batches: list[int], threads: int, rounds: int, variant: str, layers: str) -> list[dict]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    base = timm.create_model(model_name, pretrained=False).eval()
+    conv = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        localify.localify(conv, layers=layers, variant=variant)
+    rows = []
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, 3, 224, 224)
+            iters = max(2, 32 // b)
+            for m in (base, conv):  # warm-up
+                _time(m, x, 2)
+            tb, tc = [], []
+            for _ in range(rounds):
+                tb.append(_time(base, x, iters))
+                tc.append(_time(conv, x, iters))
+            mb, mc = statistics.median(tb), statistics.median(tc)
+            rows.append({"batch": b, "original_ms": mb * 1e3, "converted_ms": mc * 1e3, "ratio": mc / mb})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="deit_tiny_patch16_224")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--variant", default="dwconv")
+    ap.add_argument("--layers", default="all")
+    args = ap.parse_args()
+    rows = bench(args.model, args.batches, args.threads, args.rounds, args.variant, args.layers)
+    print(f"{args.model}, variant={args.variant}, layers={args.layers}, {args.threads} threads, 224x224, "
+          f"inference, medians of {args.rounds} interleaved rounds")
+    print(f"{'batch':>5} {'original ms':>12} {'converted ms':>13} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['original_ms']:>12.2f} {r['converted_ms']:>13.2f} {r['ratio']:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

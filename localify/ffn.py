@@ -1,0 +1,430 @@
+"""The LocalViT locality feed-forward network, and deployment fusion.
+
+:class:`LocalViTFFN` replaces a whole transformer MLP (``fc1 -> act -> fc2``) with the block of the LocalViT
+paper (arXiv 2104.05707)::
+
+    1x1 conv in -> hid (no bias) + BN + act
+    -> depth-wise kxk conv (no bias) + BN + act
+    -> optional channel attention (SE or ECA)
+    -> 1x1 conv hid -> out (no bias) + BN
+
+Unlike the paper's code it runs on any (H, W) token grid read at run time (never ``sqrt(N)``), with any number
+of prefix (class, distillation, register) and suffix (detection) tokens. Those extra tokens go through the
+point-wise layers (with their BatchNorm and activation) and skip only the spatial part (depth-wise conv, its
+BatchNorm and activation, and the channel attention).
+
+Implementation notes (speed):
+
+* The point-wise convs are ``nn.Linear(bias=False)`` modules applied to token rows: a 1x1 conv is exactly a
+  matmul over channels, and a Linear on (rows, C) runs one GEMM with no layout change. Weights are (out, in);
+  a paper checkpoint's (out, in, 1, 1) conv weight loads after ``.flatten(1)``.
+* All BatchNorms are ``nn.BatchNorm1d`` called on (rows, C) views, i.e. normalisation over channels (what a
+  BatchNorm2d does on the image). They are called as modules, so ``SyncBatchNorm`` conversion works.
+* The rows are ordered "all grid tokens of the batch first, then the extra tokens": the grid rows are then
+  one contiguous (B*H*W, hid) block whose (B, H, W, hid) view permuted to (B, hid, H, W) is already
+  channels-last, so the depth-wise conv and the way back to tokens need no copy. Reordering happens only at
+  the narrow ends (in_dim / out_dim wide, a quarter of the hidden width for ratio 4): one concat of the
+  input rows and one concat of the output tokens. Nothing hid-wide is ever concatenated or copied.
+* BatchNorm statistics in training mode: BN1 and BN3 over all tokens (grid and extras), BN2 over the grid.
+
+:func:`fuse_ffn` folds every BatchNorm into the preceding Linear / conv for deployment, and
+:func:`fuse_locality_linear` folds a residual :class:`~localify.layers.LocalityLinear` (``h + dw(h)``) into a
+plain one with the identity added to the centre tap.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._grid import GridSource, check_tokens
+from .errors import ConfigError, FuseError
+from .layers import LocalityLinear
+
+__all__ = [
+    "LocalViTFFN",
+    "SqueezeExcite",
+    "EfficientChannelAttention",
+    "ACTIVATIONS",
+    "ATTENTIONS",
+    "make_activation",
+    "eca_kernel_size",
+    "fuse_ffn",
+    "fuse_locality_linear",
+]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "hswish": nn.Hardswish,
+    "relu6": nn.ReLU6,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "gelu": nn.GELU,
+}
+_INPLACE_ACTS = {"hswish": F.hardswish, "relu6": F.relu6, "relu": F.relu, "silu": F.silu, "swish": F.silu}
+ATTENTIONS = (None, "se", "eca")
+LAYOUTS = ("BNC", "BHWC")
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module by name (``hswish``, ``relu6``, ``relu``, ``silu``/``swish``, ``gelu``)."""
+    cls = ACTIVATIONS.get(name.lower()) if isinstance(name, str) else None
+    if cls is None:
+        raise ConfigError(f"localify: unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return cls()
+
+
+def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
+    """ECA-Net's adaptive kernel size: the odd number nearest ``(log2(C) + b) / gamma`` (5 for 768 and 1536)."""
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
+
+
+class SqueezeExcite(nn.Module):
+    """SE on tokens: mean over the grid -> Linear -> ReLU -> Linear -> h-sigmoid -> scale the channels."""
+
+    def __init__(self, channels: int, hidden: int, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden, device=device, dtype=dtype)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, channels, device=device, dtype=dtype)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:  # x: (B, L, C)
+        w = self.gate(self.fc2(self.act(self.fc1(x.mean(1))))).unsqueeze(1)
+        return x.mul_(w) if inplace else x * w
+
+
+class EfficientChannelAttention(nn.Module):
+    """ECA on tokens: mean over the grid -> 1-D conv across channels -> sigmoid -> scale the channels."""
+
+    def __init__(self, channels: int, kernel_size: int | None = None, device: Any = None, dtype: Any = None):
+        super().__init__()
+        k = eca_kernel_size(channels) if kernel_size is None else kernel_size
+        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:  # x: (B, L, C)
+        w = torch.sigmoid(self.conv(x.mean(1).unsqueeze(1)))  # (B, 1, C)
+        return x.mul_(w) if inplace else x * w
+
+
+class LocalViTFFN(nn.Module):
+    """The LocalViT locality FFN; replaces a whole MLP module (``fc1 -> act -> fc2``).
+
+    Args:
+        fc1, fc2: the MLP's projections; their weights initialise the point-wise convs (their biases, and
+            anything between them such as dropout or a norm, are not used: the block is the paper's).
+        grid: where the (H, W) token grid is read at run time; may be None with ``layout="BHWC"``.
+        prefix, suffix: tokens before / after the grid; they skip the depth-wise conv and the attention.
+        kernel_size: odd size of the depth-wise kernel.
+        act: ``hswish`` (paper default), ``relu6``, ``relu``, ``silu``/``swish`` or ``gelu``.
+        attention: None, ``"se"`` or ``"eca"``.
+        se_hidden / se_reduction: width of the SE bottleneck, given directly or as ``hid // se_reduction``
+            (default 4, as LocalViT-T).
+        eca_kernel: kernel of the ECA conv (default: ECA-Net's formula, 5 for 768 channels).
+        layout: ``"BNC"`` for (B, N, C) tokens, ``"BHWC"`` for (B, H, W, C) feature maps (no grid source).
+
+    Parameters are created on the device and in the dtype of ``fc1.weight``. Fresh BatchNorms (mean 0,
+    var 1) are the identity in eval mode up to ``1/sqrt(1 + eps)``; the block is not function-preserving
+    (act -> dw -> act), it is meant to be trained, as in the paper.
+    """
+
+    def __init__(
+        self,
+        fc1: nn.Linear,
+        fc2: nn.Linear,
+        grid: GridSource | None,
+        prefix: int = 0,
+        suffix: int = 0,
+        *,
+        kernel_size: int = 3,
+        act: str = "hswish",
+        attention: str | None = None,
+        se_hidden: int | None = None,
+        se_reduction: int | None = None,
+        eca_kernel: int | None = None,
+        layout: str = "BNC",
+    ) -> None:
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ConfigError(f"localify: unknown attention {attention!r}; choose one of {list(ATTENTIONS)}")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"localify: unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(
+                f"localify: kernel_size must be a positive odd int (3, 5, 7, ...), got {kernel_size!r}"
+            )
+        if prefix < 0 or suffix < 0:
+            raise ConfigError(f"localify: prefix and suffix must be >= 0, got {prefix} and {suffix}")
+        if layout == "BHWC" and (prefix or suffix):
+            raise ConfigError("localify: layout 'BHWC' has no prefix or suffix tokens")
+        if layout == "BNC" and grid is None:
+            raise ConfigError(
+                "localify: layout 'BNC' needs a grid source (GridSource) for the (H, W) token grid"
+            )
+        if fc2.in_features != fc1.out_features:
+            raise ConfigError(
+                f"localify: fc2 takes {fc2.in_features} features but fc1 gives {fc1.out_features}"
+            )
+        self.act = make_activation(act)
+        in_dim, hid, out_dim = fc1.in_features, fc1.out_features, fc2.out_features
+        w = fc1.weight
+        kw = {"device": w.device, "dtype": w.dtype}
+
+        self.prefix = prefix
+        self.suffix = suffix
+        self.layout = layout
+        self.grid_source = grid
+        self.act_name = act.lower()
+        self.attention_name = attention
+
+        self.fc1 = nn.Linear(in_dim, hid, bias=False, **kw)  # point-wise 1x1 conv
+        self.bn1 = nn.BatchNorm1d(hid, **kw)
+        self.dwconv = nn.Conv2d(hid, hid, kernel_size, padding=kernel_size // 2, groups=hid, bias=False, **kw)
+        self.bn2 = nn.BatchNorm1d(hid, **kw)
+        if attention == "se":
+            if se_hidden is not None and se_reduction is not None:
+                raise ConfigError("localify: give se_hidden or se_reduction, not both")
+            if se_reduction is not None:
+                if se_reduction < 1 or hid // se_reduction < 1:
+                    raise ConfigError(f"localify: se_reduction {se_reduction} does not fit {hid} channels")
+                se_hidden = hid // se_reduction
+            se_hidden = 4 if se_hidden is None else se_hidden
+            if se_hidden < 1:
+                raise ConfigError(f"localify: se_hidden must be >= 1, got {se_hidden}")
+            self.attn = SqueezeExcite(hid, se_hidden, **kw)
+        elif attention == "eca":
+            if eca_kernel is not None and (eca_kernel < 1 or eca_kernel % 2 == 0):
+                raise ConfigError(f"localify: eca_kernel must be a positive odd int, got {eca_kernel}")
+            self.attn = EfficientChannelAttention(hid, eca_kernel, **kw)
+        else:
+            self.attn = None
+        self.fc2 = nn.Linear(hid, out_dim, bias=False, **kw)  # point-wise 1x1 conv
+        self.bn3 = nn.BatchNorm1d(out_dim, **kw)
+        with torch.no_grad():
+            self.fc1.weight.copy_(fc1.weight)
+            self.fc2.weight.copy_(fc2.weight)
+
+    # --- introspection ---------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.fc1.in_features
+
+    @property
+    def hidden_features(self) -> int:
+        return self.fc1.out_features
+
+    @property
+    def out_features(self) -> int:
+        return self.fc2.out_features
+
+    @property
+    def kernel_size(self) -> int:
+        return self.dwconv.kernel_size[0]
+
+    @property
+    def fused(self) -> bool:
+        """True once the BatchNorms were folded into the convs (see :func:`fuse_ffn`)."""
+        return self.bn1 is None
+
+    def extra_repr(self) -> str:
+        return (
+            f"prefix={self.prefix}, suffix={self.suffix}, act={self.act_name}, attention={self.attention_name}, "
+            f"layout={self.layout}, fused={self.fused}"
+        )
+
+    def fuse(self) -> LocalViTFFN:
+        """A copy with every BatchNorm folded in (eval mode only); see :func:`fuse_ffn`."""
+        return fuse_ffn(self)
+
+    # --- forward -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _bn(bn: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        return x if bn is None else bn(x)
+
+    def _act(self, t: torch.Tensor) -> torch.Tensor:
+        # Without autograd the activations (and the attention's scaling) run in place on the fresh tensors
+        # of this block: fewer large allocations in eager inference. torch.compile guards on grad mode.
+        if not torch.is_grad_enabled():
+            fn = _INPLACE_ACTS.get(self.act_name)
+            if fn is not None and type(self.act) is ACTIVATIONS[self.act_name]:
+                return fn(t, inplace=True)
+        return self.act(t)
+
+    def _spatial(self, rows: torch.Tensor, b: Any, hw: tuple[Any, Any]) -> torch.Tensor:
+        """(B*H*W, hid) contiguous grid rows -> depth-wise conv, BN, act, attention -> (B, H*W, hid)."""
+        c = rows.shape[-1]
+        g = rows.view(b, hw[0], hw[1], c).permute(0, 3, 1, 2)  # channels-last view, no copy
+        g = self.dwconv(g)  # channels-last in -> channels-last out
+        t = g.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels-last output
+        t = self._act(self._bn(self.bn2, t)).view(b, -1, c)
+        if self.attn is not None:
+            t = self.attn(t, inplace=not torch.is_grad_enabled())
+        return t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "BHWC":
+            b, h, w, c = x.shape
+            y = self._act(self._bn(self.bn1, self.fc1(x.reshape(-1, c))))
+            y = self.fc2(self._spatial(y, b, (h, w)))
+            return self._bn(self.bn3, y.view(-1, y.shape[-1])).view(b, h, w, -1)
+
+        b, n, c = x.shape
+        hw = self.grid_source.get()
+        p, s = self.prefix, self.suffix
+        check_tokens(n, hw, p, s)
+        if p == 0 and s == 0:
+            y = self._act(self._bn(self.bn1, self.fc1(x.reshape(-1, c))))
+            y = self.fc2(self._spatial(y, b, hw))
+            return self._bn(self.bn3, y.view(-1, y.shape[-1])).view(b, n, -1)
+
+        # Rows: every grid token of the batch, then every extra token (prefix then suffix of each sample).
+        m = n - p - s
+        parts = [x[:, p : p + m].reshape(-1, c)]
+        if p:
+            parts.append(x[:, :p].reshape(-1, c))
+        if s:
+            parts.append(x[:, p + m :].reshape(-1, c))
+        rows = torch.cat(parts)
+        h = self._act(self._bn(self.bn1, self.fc1(rows)))  # BN1 statistics over all tokens
+        nl = b * m
+        yg = self.fc2(self._spatial(h[:nl], b, hw))  # (B, M, out)
+        ye = self.fc2(h[nl:])  # (B*p + B*s, out): small
+        o = ye.shape[-1]
+        out = [yg]
+        if p:
+            out.insert(0, ye[: b * p].view(b, p, o))
+        if s:
+            out.append(ye[b * p :].view(b, s, o))
+        y = torch.cat(out, dim=1)  # (B, N, out), out_dim wide
+        return self._bn(self.bn3, y.view(-1, o)).view(b, n, o)
+
+
+# --- fusion ----------------------------------------------------------------------------------------------
+def _require_eval(m: nn.Module) -> None:
+    if m.training:
+        raise FuseError(
+            f"localify: cannot fuse {type(m).__name__} in training mode: BatchNorm folds its running (eval) "
+            "statistics. Call .eval() first."
+        )
+
+
+def _copy_sharing_grid(m: nn.Module) -> Any:
+    """deepcopy that keeps the grid source shared: the copy must read the same run-time grid hook."""
+    memo = {}
+    for sub in m.modules():
+        g = getattr(sub, "grid_source", None)
+        if g is not None:
+            memo[id(g)] = g
+    return copy.deepcopy(m, memo)
+
+
+@torch.no_grad()
+def _bn_scale_shift(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    if bn.running_mean is None:
+        raise FuseError(
+            "localify: cannot fuse a BatchNorm without running statistics (track_running_stats=False)"
+        )
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+@torch.no_grad()
+def _fold_linear(lin: nn.Linear, bn: nn.BatchNorm1d) -> nn.Linear:
+    scale, shift = _bn_scale_shift(bn)
+    w = lin.weight
+    out = nn.Linear(lin.in_features, lin.out_features, bias=True, device=w.device, dtype=w.dtype)
+    out.weight.copy_(w.double() * scale[:, None])
+    b = shift if lin.bias is None else lin.bias.double() * scale + shift
+    out.bias.copy_(b)
+    out.weight.requires_grad_(w.requires_grad)
+    out.bias.requires_grad_(w.requires_grad)
+    return out
+
+
+@torch.no_grad()
+def _fold_conv(conv: nn.Conv2d, bn: nn.BatchNorm1d) -> nn.Conv2d:
+    scale, shift = _bn_scale_shift(bn)
+    w = conv.weight
+    out = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    out.weight.copy_(w.double() * scale.view(-1, 1, 1, 1))
+    b = shift if conv.bias is None else conv.bias.double() * scale + shift
+    out.bias.copy_(b)
+    out.weight.requires_grad_(w.requires_grad)
+    out.bias.requires_grad_(w.requires_grad)
+    return out
+
+
+def fuse_ffn(m: LocalViTFFN) -> LocalViTFFN:
+    """A deployment copy of ``m`` with every BatchNorm folded into the preceding Linear / conv.
+
+    The result is a :class:`LocalViTFFN` whose ``bn1/bn2/bn3`` are None and whose ``fc1``, ``dwconv`` and
+    ``fc2`` carry biases; in eval mode it computes what ``m`` computes (folding is done in float64). ``m``
+    itself is left unchanged; the copy shares its grid source. Fusing a fused block returns an equal copy.
+
+    Raises:
+        FuseError: ``m`` is in training mode (BatchNorm would use batch statistics).
+    """
+    if not isinstance(m, LocalViTFFN):
+        raise FuseError(f"localify: fuse_ffn expects a LocalViTFFN, got {type(m).__name__}")
+    _require_eval(m)
+    f = _copy_sharing_grid(m)
+    if f.fused:
+        return f
+    f.fc1 = _fold_linear(f.fc1, f.bn1)
+    f.dwconv = _fold_conv(f.dwconv, f.bn2)
+    f.fc2 = _fold_linear(f.fc2, f.bn3)
+    f.bn1 = f.bn2 = f.bn3 = None
+    return f
+
+
+def fuse_locality_linear(m: LocalityLinear) -> LocalityLinear:
+    """A non-residual copy of a residual :class:`LocalityLinear`: ``h + dw(h)`` is ``dw'(h)`` with the
+    identity added to the centre tap of every channel's kernel.
+
+    A non-residual ``m`` comes back as an equal copy (fusing twice changes nothing). The copy shares the grid
+    source of ``m``; ``m`` is left unchanged.
+
+    Raises:
+        FuseError: ``m`` is in training mode.
+    """
+    if not isinstance(m, LocalityLinear):
+        raise FuseError(f"localify: fuse_locality_linear expects a LocalityLinear, got {type(m).__name__}")
+    _require_eval(m)
+    f = _copy_sharing_grid(m)
+    if not f.residual:
+        return f
+    with torch.no_grad():
+        w = f.dwconv.weight  # (C, 1, kh, kw)
+        kh, kw = w.shape[-2:]
+        if kh % 2 == 0 or kw % 2 == 0 or f.dwconv.padding != (kh // 2, kw // 2) or f.dwconv.stride != (1, 1):
+            raise FuseError(
+                "localify: only an odd, 'same'-padded, stride-1 depth-wise kernel can absorb the residual"
+            )
+        w[:, 0, kh // 2, kw // 2] += 1.0
+    f.residual = False
+    return f
