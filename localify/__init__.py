@@ -12,7 +12,7 @@ Example::
     model = localify.localify(model, layers="1-4") # the same object back, converted
 """
 
-from ._convert import LocalifyConfig, localify
+from ._convert import LocalifyConfig, fuse, localify
 from ._grid import GridSpec
 from ._locate import MLPSite, Plan, TokenLayout, find_mlps
 from ._select import parse_layers
@@ -30,12 +30,14 @@ from .errors import (
     SavedModelError,
     TraceError,
 )
+from .ffn import LocalViTFFN
 from .layers import LocalityLinear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "localify",
+    "fuse",
     "find_mlps",
     "parse_layers",
     "LocalifyConfig",
@@ -44,6 +46,7 @@ __all__ = [
     "TokenLayout",
     "GridSpec",
     "LocalityLinear",
+    "LocalViTFFN",
     "LocalifyError",
     "TraceError",
     "ExampleInputError",

@@ -517,7 +517,7 @@ class TokenWalker:
         src_dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
         dst_dims = node.args[2] if isinstance(node.args[2], (list, tuple)) else [node.args[2]]
         perm = list(range(rank))
-        for s, d in zip(src_dims, dst_dims):
+        for s in src_dims:
             perm.remove(s % rank)
         order = [None] * rank
         for s, d in zip(src_dims, dst_dims):

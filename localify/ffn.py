@@ -26,6 +26,9 @@ Implementation notes (speed):
   the narrow ends (in_dim / out_dim wide, a quarter of the hidden width for ratio 4): one concat of the
   input rows and one concat of the output tokens. Nothing hid-wide is ever concatenated or copied.
 * BatchNorm statistics in training mode: BN1 and BN3 over all tokens (grid and extras), BN2 over the grid.
+* Without autograd (``torch.no_grad`` / ``inference_mode``) the activations and the SE/ECA scaling run in
+  place on tensors the block itself just allocated (never on the input).
+* Backward: the row groups are separated with ``split`` (its gradient is one concat) rather than slicing.
 
 :func:`fuse_ffn` folds every BatchNorm into the preceding Linear / conv for deployment, and
 :func:`fuse_locality_linear` folds a residual :class:`~localify.layers.LocalityLinear` (``h + dw(h)``) into a
@@ -284,24 +287,24 @@ class LocalViTFFN(nn.Module):
             return self._bn(self.bn3, y.view(-1, y.shape[-1])).view(b, n, -1)
 
         # Rows: every grid token of the batch, then every extra token (prefix then suffix of each sample).
+        # split (not slicing) so that autograd joins the gradients with one concat instead of zero-filling
+        # a full-size buffer per slice.
         m = n - p - s
-        parts = [x[:, p : p + m].reshape(-1, c)]
+        pre, grid, suf = x.split([p, m, s], dim=1)
+        parts = [grid.reshape(-1, c)]
         if p:
-            parts.append(x[:, :p].reshape(-1, c))
+            parts.append(pre.reshape(-1, c))
         if s:
-            parts.append(x[:, p + m :].reshape(-1, c))
+            parts.append(suf.reshape(-1, c))
         rows = torch.cat(parts)
         h = self._act(self._bn(self.bn1, self.fc1(rows)))  # BN1 statistics over all tokens
         nl = b * m
-        yg = self.fc2(self._spatial(h[:nl], b, hw))  # (B, M, out)
-        ye = self.fc2(h[nl:])  # (B*p + B*s, out): small
+        hg, he = h.split([nl, b * (p + s)])
+        yg = self.fc2(self._spatial(hg, b, hw))  # (B, M, out)
+        ye = self.fc2(he)  # (B*p + B*s, out): small
         o = ye.shape[-1]
-        out = [yg]
-        if p:
-            out.insert(0, ye[: b * p].view(b, p, o))
-        if s:
-            out.append(ye[b * p :].view(b, s, o))
-        y = torch.cat(out, dim=1)  # (B, N, out), out_dim wide
+        yp, ys = ye.split([b * p, b * s])
+        y = torch.cat([yp.view(b, p, o), yg, ys.view(b, s, o)], dim=1)  # (B, N, out), out_dim wide
         return self._bn(self.bn3, y.view(-1, o)).view(b, n, o)
 
 

@@ -1,0 +1,171 @@
+"""Model sources: build a base model from a timm name, a Hugging Face config or a user factory, and remember
+how it was built so a saved model can be rebuilt without pickling anything.
+
+A source string is one of:
+
+* a timm model name, or a unique prefix of one (``deit_tiny`` -> ``deit_tiny_patch16_224``);
+* ``hf:PATH_OR_ID``: a Hugging Face model from a local directory or the local cache (offline);
+* ``module.path:factory``: a function (or class) in your own code that returns the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import ModelSourceError
+
+__all__ = ["ModelSource", "create_model", "resolve_timm_name", "get_source", "set_source"]
+
+SOURCE_ATTR = "_localify_source"
+
+
+@dataclass
+class ModelSource:
+    """How to rebuild a base model: ``kind`` is "timm", "hf" or "factory"."""
+
+    kind: str
+    name: str  # timm name, HF path/id, or "module.path:factory"
+    kwargs: dict = field(default_factory=dict)  # timm / factory keyword arguments
+    hf_class: str | None = None  # transformers class name, for "hf"
+    hf_config: dict | None = None  # the full config, so the architecture is rebuilt without the files
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSource:
+        return cls(**d)
+
+    def describe(self) -> str:
+        if self.kind == "hf":
+            return f"hf:{self.name}"
+        return self.name
+
+
+def get_source(model: nn.Module) -> ModelSource | None:
+    src = getattr(model, SOURCE_ATTR, None)
+    if src is not None:
+        return src
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict") and type(model).__module__.startswith("transformers"):
+        return ModelSource("hf", getattr(cfg, "_name_or_path", "") or type(model).__name__,
+                           hf_class=type(model).__name__, hf_config=cfg.to_dict())
+    return None
+
+
+def set_source(model: nn.Module, source: ModelSource) -> None:
+    object.__setattr__(model, SOURCE_ATTR, source)
+
+
+def resolve_timm_name(name: str) -> str:
+    """A timm model name, or the one model whose name starts with ``name``."""
+    import timm
+
+    names = timm.list_models()
+    if name in names:
+        return name
+    starts = [n for n in names if n.startswith(name)]
+    if len(starts) == 1:
+        return starts[0]
+    if len(starts) > 1:
+        shown = ", ".join(starts[:8]) + (", ..." if len(starts) > 8 else "")
+        raise ModelSourceError(f"model name {name!r} is ambiguous: it starts {len(starts)} timm models ({shown}); "
+                               f"give the full name")
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise ModelSourceError(f"unknown model {name!r}: not a timm model name, 'hf:PATH' or 'module:factory'{hint}")
+
+
+def create_model(source: str | ModelSource, **kwargs: Any) -> nn.Module:
+    """Build a base model (random weights) from a source string or a :class:`ModelSource`, remembering it."""
+    src = source if isinstance(source, ModelSource) else parse_source(source, kwargs)
+    model = _build(src)
+    set_source(model, src)
+    return model
+
+
+def parse_source(text: str, kwargs: dict | None = None) -> ModelSource:
+    kwargs = dict(kwargs or {})
+    if text.startswith("hf:"):
+        return _hf_source(text[3:], kwargs)
+    if ":" in text and not os.path.exists(text):
+        return ModelSource("factory", text, kwargs)
+    return ModelSource("timm", resolve_timm_name(text), kwargs)
+
+
+def _hf_source(path: str, kwargs: dict) -> ModelSource:
+    import transformers
+
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception as e:
+        raise ModelSourceError(
+            f"cannot read a Hugging Face config for {path!r} from a local directory or the local cache "
+            f"(no download is tried): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    archs = getattr(cfg, "architectures", None) or []
+    cls = next((a for a in archs if hasattr(transformers, a)), None)
+    if cls is None:
+        model_cls = transformers.AutoModel._model_mapping.get(type(cfg), None) if hasattr(
+            transformers.AutoModel, "_model_mapping") else None
+        cls = model_cls.__name__ if model_cls is not None else None
+    if cls is None:
+        raise ModelSourceError(f"the config at {path!r} names no transformers model class ({archs!r})")
+    return ModelSource("hf", path, {}, hf_class=cls, hf_config=cfg.to_dict())
+
+
+def _build(src: ModelSource) -> nn.Module:
+    if src.kind == "timm":
+        import timm
+
+        try:
+            return timm.create_model(src.name, pretrained=False, **src.kwargs)
+        except TypeError as e:
+            raise ModelSourceError(f"timm could not build {src.name} with {src.kwargs}: {e}") from None
+    if src.kind == "hf":
+        import transformers
+
+        cls = getattr(transformers, src.hf_class or "", None)
+        if cls is None:
+            raise ModelSourceError(f"transformers has no class {src.hf_class!r}")
+        cfg_cls = getattr(cls, "config_class", None)
+        cfg = cfg_cls.from_dict(dict(src.hf_config or {})) if cfg_cls is not None else None
+        if cfg is None:
+            raise ModelSourceError(f"cannot rebuild the config of {src.hf_class}")
+        return cls(cfg)
+    if src.kind == "factory":
+        return _call_factory(src.name, src.kwargs)
+    raise ModelSourceError(f"unknown model source kind {src.kind!r}")
+
+
+def _call_factory(spec: str, kwargs: dict) -> nn.Module:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ModelSourceError(f"factory {spec!r} must look like 'module.path:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelSourceError(f"cannot import module {mod_name!r} for factory {spec!r}: {e}") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ModelSourceError(f"module {mod_name!r} has no {attr!r}")
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def is_local_path(text: str) -> bool:
+    return Path(text).exists()
