@@ -14,8 +14,10 @@ Example::
 
 from ._convert import LocalifyConfig, fuse, localify
 from ._grid import GridSpec
+from ._io import load, load_checkpoint, read_recipe, save
 from ._locate import MLPSite, Plan, TokenLayout, find_mlps
 from ._select import parse_layers
+from ._sources import ModelSource, create_model
 from .errors import (
     AlreadyLocalifiedError,
     CheckpointError,
@@ -40,6 +42,12 @@ __all__ = [
     "fuse",
     "find_mlps",
     "parse_layers",
+    "save",
+    "load",
+    "load_checkpoint",
+    "read_recipe",
+    "create_model",
+    "ModelSource",
     "LocalifyConfig",
     "Plan",
     "MLPSite",

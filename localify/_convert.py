@@ -156,7 +156,13 @@ def localify(
         built.extend(build_site(model, rec, config, src))
         records.append(rec)
 
+    from ._sources import SOURCE_ATTR, get_source, infer_timm_source
+
+    source = None if get_source(model) is not None else infer_timm_source(model)
+
     # nothing below can fail on a valid plan
+    if source is not None:
+        object.__setattr__(model, SOURCE_ATTR, source)
     for path, new in built:
         new.train(model.get_submodule(path).training)  # keep the mode of what it replaces
         _set_submodule(model, path, new)

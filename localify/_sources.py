@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,27 @@ def get_source(model: nn.Module) -> ModelSource | None:
     return None
 
 
+def infer_timm_source(model: nn.Module) -> ModelSource | None:
+    """The timm name that rebuilds ``model`` with default kwargs, if its parameters match (checked on meta)."""
+    if not type(model).__module__.startswith("timm."):
+        return None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        return None
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            ref = timm.create_model(name, pretrained=False)
+    except Exception:
+        return None
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    return ModelSource("timm", name) if mine == theirs else None
+
+
 def set_source(model: nn.Module, source: ModelSource) -> None:
     object.__setattr__(model, SOURCE_ATTR, source)
 
@@ -75,6 +97,12 @@ def resolve_timm_name(name: str) -> str:
     starts = [n for n in names if n.startswith(name)]
     if len(starts) == 1:
         return starts[0]
+    # "deit_tiny" means deit_tiny_patch16_224, not deit_tiny_distilled_patch16_224: prefer the one candidate
+    # whose remaining name parts only give the patch / window / image size
+    plain = [n for n in starts if all(re.fullmatch(r"patch\d+|window\d+|\d+", t) for t in
+                                      n[len(name):].strip("_").split("_") if t)]
+    if len(plain) == 1:
+        return plain[0]
     if len(starts) > 1:
         shown = ", ".join(starts[:8]) + (", ..." if len(starts) > 8 else "")
         raise ModelSourceError(f"model name {name!r} is ambiguous: it starts {len(starts)} timm models ({shown}); "
