@@ -199,15 +199,17 @@ def _check_safetensors(path: Path) -> None:
     try:
         with open(path, "rb") as f:
             head = f.read(9)
+        size = path.stat().st_size
     except OSError as e:
         raise SavedModelError(f"cannot read {path}: {e.strerror}") from None
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return  # a safetensors header: 8-byte length, then JSON
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise SavedModelError(
             f"{path} holds a pickled payload (torch.save); localify never unpickles saved models. Save with "
             f"localify.save(), or load plain weights as a checkpoint (weights_only=True)"
         )
-    if len(head) < 9 or head[8:9] != b"{":
-        raise SavedModelError(f"{path} is not a safetensors file (corrupt or truncated)")
+    raise SavedModelError(f"{path} is not a safetensors file (corrupt or truncated)")
 
 
 def read_recipe(path: str | os.PathLike) -> dict:
@@ -363,12 +365,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | dict) -> n
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+    if not os.access(path, os.R_OK) or path.is_dir():
+        raise CheckpointError(f"cannot read checkpoint {path}: not a readable file")
+    if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:

@@ -1,0 +1,190 @@
+"""Saved models: safetensors + JSON recipe, replayed on load; atomic writes; nothing unpickled."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import localify
+from localify.errors import CheckpointError, SavedModelError
+
+TINY = dict(depth=2, embed_dim=32, num_heads=2, num_classes=10)
+
+
+def _model(**opts):
+    torch.manual_seed(0)
+    m = localify.create_model("deit_tiny", **TINY).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        localify.localify(m, **opts)
+    with torch.no_grad():  # make the new weights non-trivial
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return m
+
+
+X = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("opts", [{}, {"variant": "residual", "layers": "1"},
+                                  {"variant": "localvit", "attention": "se", "kernel_size": 5}],
+                         ids=["dwconv", "residual-l1", "localvit"])
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "mdir"])
+def test_round_trip(tmp_path, opts, name) -> None:
+    model = _model(**opts)
+    with torch.no_grad():
+        a = model(X)
+    out = localify.save(model, tmp_path / name)
+    assert out.exists()
+    back = localify.load(tmp_path / name)
+    assert type(back) is type(model) and not back.training
+    with torch.no_grad():
+        assert torch.equal(a, back(X))
+    recipe = localify.read_recipe(tmp_path / name)
+    assert recipe["base"]["name"] == "deit_tiny_patch16_224" and recipe["base"]["kwargs"] == TINY
+    assert recipe["config"]["variant"] == opts.get("variant", "dwconv")
+    assert set(recipe["versions"]) >= {"localify", "torch", "timm", "transformers"}
+
+
+def test_fused_round_trip(tmp_path) -> None:
+    model = localify.fuse(_model(variant="localvit"))
+    with torch.no_grad():
+        a = model(X)
+    localify.save(model, tmp_path / "f.safetensors")
+    with torch.no_grad():
+        assert torch.equal(a, localify.load(tmp_path / "f.safetensors")(X))
+
+
+def test_hf_directory_round_trip(tmp_path) -> None:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=64, num_labels=3)).eval()
+    localify.localify(model)
+    with torch.no_grad():
+        a = model(pixel_values=X).logits
+    localify.save(model, tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "localify_recipe.json").exists()
+    back = localify.load(tmp_path / "hf")
+    assert type(back) is ViTForImageClassification
+    with torch.no_grad():
+        assert torch.equal(a, back(pixel_values=X).logits)
+
+
+def test_locality_only_weights_on_top_of_the_base_checkpoint(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = localify.create_model("deit_tiny", **TINY).eval()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    localify.localify(base)
+    with torch.no_grad():
+        for m in base.modules():
+            if isinstance(m, localify.LocalityLinear):
+                m.dwconv.weight.normal_()
+        a = base(X)
+    localify.save(base, tmp_path / "loc.safetensors", weights="locality")
+    stored = load_file(str(tmp_path / "loc.safetensors"))
+    assert stored and all(".dwconv." in k for k in stored)
+    with pytest.raises(SavedModelError, match="base_checkpoint"):
+        localify.load(tmp_path / "loc.safetensors")
+    back = localify.load(tmp_path / "loc.safetensors", base_checkpoint=tmp_path / "base.safetensors")
+    with torch.no_grad():
+        assert torch.equal(a, back(X))
+
+
+def test_existing_output_needs_force(tmp_path) -> None:
+    model = _model()
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"keep me")
+    with pytest.raises(SavedModelError, match="force"):
+        localify.save(model, target)
+    assert target.read_bytes() == b"keep me"
+    localify.save(model, target, force=True)
+    assert localify.load(target) is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left
+
+
+def test_unwritable_or_missing_directory(tmp_path) -> None:
+    with pytest.raises(SavedModelError, match="does not exist"):
+        localify.save(_model(), tmp_path / "nope" / "m.safetensors")
+
+
+def test_pickled_file_is_refused(tmp_path) -> None:
+    model = _model()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    with pytest.raises(SavedModelError, match="pickled"):
+        localify.load(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json"])
+def test_corrupt_file(tmp_path, content) -> None:
+    (tmp_path / "m.safetensors").write_bytes(content)
+    with pytest.raises(SavedModelError):
+        localify.load(tmp_path / "m.safetensors")
+
+
+def test_plain_safetensors_without_recipe(tmp_path) -> None:
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(SavedModelError, match="no localify recipe"):
+        localify.load(tmp_path / "w.safetensors")
+
+
+def test_recipe_from_a_newer_version(tmp_path) -> None:
+    model = _model()
+    localify.save(model, tmp_path / "m.safetensors")
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    recipe = localify.read_recipe(tmp_path / "m.safetensors")
+    recipe["format_version"] = 99
+    recipe["versions"]["localify"] = "9.0.0"
+    save_file(tensors, str(tmp_path / "new.safetensors"), metadata={"localify_recipe": json.dumps(recipe)})
+    with pytest.raises(SavedModelError, match="newer"):
+        localify.load(tmp_path / "new.safetensors")
+
+
+def test_unknown_source_needs_an_explicit_one(tmp_path) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", **TINY)  # kwargs timm does not remember
+    localify.localify(model)
+    with pytest.raises(SavedModelError, match="source="):
+        localify.save(model, tmp_path / "m.safetensors")
+    localify.save(model, tmp_path / "m.safetensors",
+                  source=localify.ModelSource("timm", "deit_tiny_patch16_224", TINY))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(X), localify.load(tmp_path / "m.safetensors")(X))
+
+
+def test_default_timm_model_source_is_inferred(tmp_path) -> None:
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    localify.localify(model, layers="1")
+    localify.save(model, tmp_path / "m.safetensors")
+    assert localify.read_recipe(tmp_path / "m.safetensors")["base"]["name"] == "deit_tiny_patch16_224"
+
+
+def test_checkpoints(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = localify.create_model("deit_tiny", **TINY)
+    state = model.state_dict()
+    torch.save(state, tmp_path / "ok.pth")
+    fresh = localify.create_model("deit_tiny", **TINY)
+    localify.load_checkpoint(fresh, tmp_path / "ok.pth")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    torch.save({"state_dict": state}, tmp_path / "wrapped.pth")
+    localify.load_checkpoint(fresh, tmp_path / "wrapped.pth")
+    other = {k: v for k, v in state.items() if not k.startswith("head")}
+    other["extra.weight"] = torch.zeros(1)
+    torch.save(other, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"missing \(head.weight.*unexpected \(extra.weight"):
+        localify.load_checkpoint(fresh, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        localify.load_checkpoint(fresh, tmp_path / "nope.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        localify.load_checkpoint(fresh, tmp_path / "corrupt.pth")
