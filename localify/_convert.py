@@ -218,10 +218,6 @@ def _targets(plan: Plan, config: LocalifyConfig) -> list[MLPSite]:
     done = [s for s in selected if s.status == LOCALIFIED]
     if not targets:
         if done and not skipped:
-            warnings.warn(
-                f"localify: the {len(done)} selected block(s) of {plan.model} were already converted; "
-                f"nothing to do", stacklevel=3,
-            )
             raise AlreadyLocalifiedError(
                 f"{plan.model} is already localified in block(s) {sorted({s.block for s in done})}; converting "
                 f"again would splice twice. Convert a fresh copy of the base model instead."

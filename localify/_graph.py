@@ -644,8 +644,11 @@ class TokenWalker:
         return Found(0, 0, grid, src, "unfold", spatial, (kernel, dilation, padding, stride))
 
 
-def token_layout(idx: GraphIndex, x: fx.Node) -> Found | NoGrid:
-    """Layout of the tokens entering an MLP whose input is ``x`` (B, N, C)."""
+def token_layout(idx: GraphIndex, x: fx.Node, walker: TokenWalker | None = None) -> Found | NoGrid:
+    """Layout of the tokens entering an MLP whose input is ``x`` (B, N, C).
+
+    Pass one ``walker`` for all the MLPs of a graph: its memo makes the walks linear in the graph size."""
+    walker = walker or TokenWalker(idx)
     shape = val_shape(x)
     if shape is None or len(shape) < 3:
         return NoGrid(f"the MLP input has shape {shape}: no token axis")
@@ -654,7 +657,7 @@ def token_layout(idx: GraphIndex, x: fx.Node) -> Found | NoGrid:
     if len(shape) > 3:
         return NoGrid(f"the MLP input has shape {shape}: not (B, N, C)")
     if shape[0] != idx.batch:
-        res = TokenWalker(idx).walk(x, 1)
+        res = walker.walk(x, 1)
         if isinstance(res, NoGrid):
             return res
         return NoGrid(
@@ -663,7 +666,7 @@ def token_layout(idx: GraphIndex, x: fx.Node) -> Found | NoGrid:
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 20 * len(idx.order) + 1000))
     try:
-        res = TokenWalker(idx).walk(x, 1)
+        res = walker.walk(x, 1)
     finally:
         sys.setrecursionlimit(limit)
     if isinstance(res, (Found, NoGrid)):

@@ -15,6 +15,7 @@ from ._graph import (
     GraphIndex,
     MLPMatch,
     NoGrid,
+    TokenWalker,
     match_mlps,
     module_stack,
     op_name,
@@ -175,7 +176,12 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
     input_size = (int(img.shape[-2]), int(img.shape[-1])) if img is not None else None
 
     modules = dict(model.named_modules())
-    raw = [_site_from_match(m, idx, modules) for m in matches]
+    walker = TokenWalker(idx)
+    scope: dict[str, list[fx.Node]] = {}
+    for n in idx.graph.nodes:
+        for path, _ in module_stack(n):
+            scope.setdefault(path, []).append(n)
+    raw = [_site_from_match(m, idx, modules, walker, scope) for m in matches]
     _number_blocks(raw)
 
     found_sites = [(site, res) for site, res in raw if isinstance(res, Found) and site.status == CONVERTIBLE]
@@ -240,7 +246,8 @@ def _block_path(mlp_path: str) -> str:
     return ".".join(parts[:-1])
 
 
-def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module]) -> tuple[MLPSite, Any]:
+def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module], walker: TokenWalker,
+                     scope: dict[str, list[fx.Node]]) -> tuple[MLPSite, Any]:
     from .layers import LocalityLinear
 
     fc1_paths = [_param_module(idx, n) for n in m.fc1]
@@ -272,7 +279,7 @@ def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module]
     if mlp_path in (p or "" for p in fc1_paths):  # fc1 and fc2 are the same module?
         mlp_path = mlp_path.rsplit(".", 1)[0] if "." in mlp_path else ""
 
-    res = token_layout(idx, m.input)
+    res = token_layout(idx, m.input, walker)
     tokens = None
     if isinstance(res, Found):
         tokens = TokenLayout("BNC", res.prefix, res.suffix, res.grid)
@@ -296,13 +303,12 @@ def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module]
         tokens=tokens,
         status=status,
         reason=reason,
-        self_contained=_self_contained(m, idx, mlp_path),
+        self_contained=_self_contained(m, idx, scope.get(mlp_path, [])),
     )
     return site, res
 
 
-def _self_contained(m: MLPMatch, idx: GraphIndex, path: str) -> bool:
-    inside = [n for n in idx.graph.nodes if any(p == path for p, _ in module_stack(n))]
+def _self_contained(m: MLPMatch, idx: GraphIndex, inside: list[fx.Node]) -> bool:
     members = set(m.body) | set(m.fc1) | {m.fc2}
     if m.input in inside:
         return False
