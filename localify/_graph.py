@@ -654,8 +654,15 @@ def token_layout(idx: GraphIndex, x: fx.Node, walker: TokenWalker | None = None)
         return NoGrid(f"the MLP input has shape {shape}: no token axis")
     if shape[1] == 1:
         return NoGrid("the MLP runs on a single token (such as a class token alone): no patch grid")
-    if len(shape) > 3:
-        return NoGrid(f"the MLP input has shape {shape}: not (B, N, C)")
+    if len(shape) == 4:  # (B, H, W, C): the grid is the input's own spatial dims
+        if shape[0] != idx.batch:
+            return NoGrid(f"the MLP sees {shape[0]} feature maps of {shape[1]}x{shape[2]}, not the model's batch "
+                          f"of {idx.batch}: windows or patches are folded into the batch", folded=True)
+        if shape[2] == 1:
+            return NoGrid(f"the MLP input has shape {shape}: no 2-D grid")
+        return Found(0, 0, (shape[1], shape[2]), x, "bhwc", (shape[1], shape[2]))
+    if len(shape) > 4:
+        return NoGrid(f"the MLP input has shape {shape}: not (B, N, C) or (B, H, W, C)")
     if shape[0] != idx.batch:
         res = walker.walk(x, 1)
         if isinstance(res, NoGrid):

@@ -53,7 +53,8 @@ class GridSpec:
     module: str = ""  # module path of the source ("" is the model itself)
     phase: str = "output"  # "input" (forward pre-hook) or "output" (forward hook)
     key: Key = ()  # pytree key path of the tensor (or first int) inside (args, kwargs) / the output
-    kind: str = "tensor"  # "tensor": two dims of a tensor; "ints": two int values; "static": a fixed grid
+    kind: str = "tensor"  # "tensor": two dims of a tensor; "ints": two int values; "static": a fixed grid;
+    #                       "bhwc": the block's own (B, H, W, C) input is the grid (no source needed)
     dims: tuple[int, int] = (2, 3)
     key2: Key | None = None  # key path of the second int for kind "ints"
     unfold: tuple | None = None  # (kernel, dilation, padding, stride): the grid is an unfold of this size
@@ -72,6 +73,8 @@ class GridSpec:
     def describe(self) -> str:
         if self.kind == "static":
             return f"fixed {self.static[0]}x{self.static[1]}"
+        if self.kind == "bhwc":
+            return "the block's (B, H, W, C) input"
         where = self.module or "<model>"
         what = "ints" if self.kind == "ints" else f"dims {self.dims}"
         extra = " (unfold)" if self.unfold else ""
@@ -99,7 +102,7 @@ class GridSource:
         self._handle = None
 
     def attach(self, model: nn.Module) -> None:
-        if self.spec.kind == "static" or self._handle is not None:
+        if self.spec.kind in ("static", "bhwc") or self._handle is not None:
             return
         mod = model.get_submodule(self.spec.module)
         if self.spec.phase == "input":

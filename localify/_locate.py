@@ -184,7 +184,8 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
     raw = [_site_from_match(m, idx, modules, walker, scope) for m in matches]
     _number_blocks(raw)
 
-    found_sites = [(site, res) for site, res in raw if isinstance(res, Found) and site.status == CONVERTIBLE]
+    found_sites = [(site, res) for site, res in raw
+                   if isinstance(res, Found) and res.kind != "bhwc" and site.status == CONVERTIBLE]
     second = _second_size(input_size, [r for _, r in found_sites])
     probe = _probe(model, example, second) if second and found_sites else None
     for site, res in found_sites:
@@ -281,7 +282,9 @@ def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module]
 
     res = token_layout(idx, m.input, walker)
     tokens = None
-    if isinstance(res, Found):
+    if isinstance(res, Found) and res.kind == "bhwc":
+        tokens = TokenLayout("BHWC", 0, 0, res.grid, GridSpec(kind="bhwc"))
+    elif isinstance(res, Found):
         tokens = TokenLayout("BNC", res.prefix, res.suffix, res.grid)
     if localified:
         status, reason = LOCALIFIED, "already converted by localify"

@@ -57,15 +57,15 @@ def test_find_mlps_layouts(case: Case) -> None:
     assert plan.input_size == case.input_size
     got = [
         (s.status, s.tokens.grid if s.tokens else None, s.tokens.prefix if s.tokens else 0,
-         s.tokens.suffix if s.tokens else 0)
+         s.tokens.suffix if s.tokens else 0, s.tokens.layout if s.tokens else "BNC")
         for s in plan.sites
     ]
-    exp = [(e.status, e.grid if e.status in ("convertible", "already_local") else None, e.prefix, e.suffix)
-           for e in case.expected]
+    exp = [(e.status, e.grid if e.status in ("convertible", "already_local") else None, e.prefix, e.suffix,
+            e.layout) for e in case.expected]
     assert got == exp, str(plan)
     for s in plan.sites:
         if s.convertible:
-            assert s.tokens.layout == "BNC" and s.tokens.source is not None
+            assert s.tokens.source is not None
             assert s.reason == ""
         else:
             assert s.reason, f"site {s.path} is {s.status} without a reason"

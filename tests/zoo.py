@@ -263,6 +263,18 @@ CASES: list[Case] = [
         ),
     ),
     Case(
+        # MaxViT: every MLP runs on a (B, H, W, C) feature map; each block has a window (block) and a
+        # grid-attention MLP. Added by the lead: the BHWC layout.
+        id="maxvit_pico_rw_256",
+        build=_timm("maxvit_pico_rw_256", depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), stem_width=(16, 32),
+                    num_classes=10),
+        input_size=(256, 256),
+        second_size=None,
+        expected=tuple(
+            ExpSite("convertible", (g, g), layout="BHWC") for g in (64, 64, 32, 32, 16, 16, 8, 8)
+        ),
+    ),
+    Case(
         # each block: inner pixel MLP on (B*196, 16 pixels, inner_dim) = folded,
         # then outer MLP on [cls] + 14x14 patch tokens. PixelEmbed asserts the image size.
         id="tnt_s_patch16_224",
