@@ -91,6 +91,8 @@ def save(
     path = Path(path)
     if path.exists() and not force:
         raise SavedModelError(f"{path} already exists; pass force=True (--force) to overwrite it")
+    if path.is_dir() and any(path.iterdir()) and not (path / RECIPE_FILE).exists():
+        raise SavedModelError(f"{path} is a non-empty directory that is not a localify save; refusing to replace it")
     if not path.parent.exists():
         raise SavedModelError(f"cannot write {path}: directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
@@ -170,6 +172,9 @@ def _atomic_file(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -283,7 +288,7 @@ def load(path: str | os.PathLike, *, base_checkpoint: str | os.PathLike | dict |
         if base_checkpoint is None:
             raise SavedModelError(
                 f"{path} stores only the {recipe['weights']} weights; pass base_checkpoint= (the original "
-                f"model's weights) to load it"
+                f"model's weights; --checkpoint on the command line) to load it"
             )
         load_checkpoint(model, base_checkpoint)
     model.eval()
@@ -359,7 +364,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | dict) -> n
     unexpected = [k for k in state if k not in own]
     bad = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or bad:
-        raise CheckpointError(_mismatch(where, missing, unexpected, bad).replace("weights in", "checkpoint"))
+        raise CheckpointError(
+            _mismatch(where, missing, unexpected, bad).replace("the weights in", "the checkpoint").replace(
+                "do not fit", "does not fit"))
     model.load_state_dict(state, strict=True)
     return model
 

@@ -94,6 +94,9 @@ def resolve_timm_name(name: str) -> str:
     names = timm.list_models()
     if name in names:
         return name
+    base, dot, tag = name.partition(".")
+    if dot and base in names:  # a pretrained tag such as deit_tiny_patch16_224.fb_in1k
+        return name
     starts = [n for n in names if n.startswith(name)]
     if len(starts) == 1:
         return starts[0]
@@ -132,6 +135,8 @@ def parse_source(text: str, kwargs: dict | None = None) -> ModelSource:
 def _hf_source(path: str, kwargs: dict) -> ModelSource:
     import transformers
 
+    if (path.startswith(("/", ".", "~")) or os.sep in path and path.count("/") > 1) and not Path(path).expanduser().exists():
+        raise ModelSourceError(f"hf:{path}: no such directory")
     try:
         cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as e:
