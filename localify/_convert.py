@@ -90,13 +90,6 @@ class LocalifyState:
     sources: dict[GridSpec, GridSource] = field(default_factory=dict)
     fused: bool = False
 
-    def source_for(self, spec: GridSpec, model: nn.Module) -> GridSource:
-        src = self.sources.get(spec)
-        if src is None:
-            src = self.sources[spec] = GridSource(spec)
-            src.attach(model)
-        return src
-
 
 def get_state(model: nn.Module) -> LocalifyState | None:
     return getattr(model, STATE_ATTR, None)
@@ -135,8 +128,13 @@ def localify(
         config = LocalifyConfig(layers=layers, variant=variant, kernel_size=kernel_size, act=act,
                                 attention=attention, se_hidden=se_hidden, se_reduction=se_reduction,
                                 eca_kernel=eca_kernel)
-    if get_state(model) is not None and get_state(model).fused:
+    prev = get_state(model)
+    if prev is not None and prev.fused:
         raise AlreadyLocalifiedError("this model was fused for deployment; convert the unfused model instead")
+    if prev is not None and {**prev.config.to_dict(), "layers": None} != {**config.to_dict(), "layers": None}:
+        raise AlreadyLocalifiedError(
+            f"this model was converted with other options ({prev.config.to_dict()}); convert more blocks with "
+            f"the same variant and options, or start from the base model")
     if plan is None:
         plan = analyze(model, example_inputs)
     apply_selection(plan, config.layers)
