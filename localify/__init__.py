@@ -13,9 +13,12 @@ Example::
 """
 
 from ._convert import LocalifyConfig, fuse, localify
+from ._distributed import AllReduceBatchNorm, sync_batchnorm
+from ._export import ExportError, OnnxExport, export_onnx
 from ._grid import GridSpec
 from ._io import load, load_checkpoint, read_recipe, save
 from ._locate import MLPSite, Plan, TokenLayout, find_mlps
+from ._peft import TrainableReport, mark_trainable
 from ._select import parse_layers
 from ._sources import ModelSource, create_model
 from .errors import (
@@ -47,6 +50,13 @@ __all__ = [
     "load_checkpoint",
     "read_recipe",
     "create_model",
+    "mark_trainable",
+    "TrainableReport",
+    "export_onnx",
+    "OnnxExport",
+    "ExportError",
+    "sync_batchnorm",
+    "AllReduceBatchNorm",
     "ModelSource",
     "LocalifyConfig",
     "Plan",

@@ -1,0 +1,166 @@
+"""Parameter-efficient retrofit: train only what localify added (optionally with the classifier head).
+
+:func:`mark_trainable` freezes a converted model except its new locality parameters (the depth-wise kernels
+of ``dwconv`` / ``residual`` blocks, the whole ``localvit`` blocks) and, with ``head=True``, the classifier.
+It returns a :class:`TrainableReport` (PEFT's ``print_trainable_parameters`` as a value: localify never
+prints). Such a model can be saved with ``localify.save(model, path, weights="trainable")``: only the trained
+tensors and the recipe are stored, and ``localify.load(path, base_checkpoint=...)`` rebuilds the model on top
+of the original weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["mark_trainable", "TrainableReport", "find_classifier", "locality_parameter_names"]
+
+MODES = ("locality", "all")
+# top-level attributes that hold the classification head in Hugging Face and common user models
+HEAD_ATTRS = ("classifier", "cls_classifier", "distillation_classifier", "head", "head_dist", "heads",
+              "classification_head", "fc", "logits")
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """How many parameters train (``requires_grad``) out of all; ``str()`` gives PEFT's one-line summary."""
+
+    trainable: int
+    total: int
+    mode: str = "locality"
+    head: tuple[str, ...] = ()  # module paths of the classifier head made trainable
+    trainable_names: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.fraction
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+                f"trainable%: {self.percent:.4f}")
+
+    @classmethod
+    def of(cls, model: nn.Module, mode: str = "custom", head: Iterable[str] = ()) -> TrainableReport:
+        """The report for ``model`` as it stands (shared parameters counted once)."""
+        params = list(model.named_parameters())
+        names = tuple(n for n, p in params if p.requires_grad)
+        return cls(sum(p.numel() for _, p in params if p.requires_grad), sum(p.numel() for _, p in params),
+                   mode, tuple(head), names)
+
+
+def locality_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters localify added: the depth-wise kernels of ``LocalityLinear`` (not the wrapped
+    projection) and every parameter of a ``LocalViTFFN``."""
+    from .ffn import LocalViTFFN
+    from .layers import LocalityLinear
+
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, LocalityLinear):
+            out += [f"{name}.{k}" for k, _ in mod.named_parameters() if not k.startswith("linear.")]
+        elif isinstance(mod, LocalViTFFN):
+            out += [f"{name}.{k}" for k, _ in mod.named_parameters()]
+    return out
+
+
+def find_classifier(model: nn.Module) -> list[str]:
+    """Module paths of the classification head(s) of ``model`` ([] if none is found).
+
+    timm: ``model.get_classifier()`` (a module, or a tuple for distilled models). Hugging Face and user
+    models: a top-level child named ``classifier``, ``cls_classifier`` / ``distillation_classifier`` (DeiT with
+    teacher), ``head``, ``heads``, ``fc``...; else the last top-level ``nn.Linear`` whose output size is the
+    number of labels (``config.num_labels`` / ``num_classes``).
+    """
+    paths = {id(m): n for n, m in model.named_modules()}
+    found: list[str] = []
+
+    def add(mod: object) -> None:
+        if isinstance(mod, nn.Module) and id(mod) in paths and any(True for _ in mod.parameters()):
+            if paths[id(mod)] and paths[id(mod)] not in found:
+                found.append(paths[id(mod)])
+
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:
+            head = None
+        for h in head if isinstance(head, (tuple, list)) else (head,):
+            add(h)
+        if found:
+            return found
+    children = dict(model.named_children())
+    for attr in HEAD_ATTRS:
+        add(children.get(attr))
+    if found:
+        return found
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_labels", None) or getattr(model, "num_classes", None)
+    if n:
+        last = None
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and mod.out_features == n and "." not in name:
+                last = name
+        if last:
+            found.append(last)
+    return found
+
+
+def mark_trainable(model: nn.Module, which: str = "locality", head: bool | str | Iterable[str] = False
+                   ) -> TrainableReport:
+    """Choose what trains, in place: ``which="locality"`` freezes everything except the parameters localify
+    added (and the classifier head with ``head=True``, or the modules named by ``head``); ``which="all"``
+    unfreezes everything. Returns a :class:`TrainableReport`; ``str(report)`` reads
+    ``trainable params: 12,345 || all params: 5,678,901 || trainable%: 0.2174``.
+
+    BatchNorm running statistics of ``localvit`` blocks still update in train mode (they belong to the new
+    blocks). Save the result with ``localify.save(model, path, weights="trainable")`` to store only the
+    trained tensors.
+
+    Raises:
+        ConfigError: an unknown ``which``, a model without localify blocks (``"locality"``), ``head=True`` on a
+            model whose classifier cannot be found, or a ``head`` path that does not exist.
+
+    Example::
+
+        >>> report = localify.mark_trainable(model, "locality", head=True)
+        >>> str(report)
+        'trainable params: 45,610 || all params: 5,762,410 || trainable%: 0.7915'
+    """
+    if which not in MODES:
+        raise ConfigError(f"mark_trainable: which={which!r}; choose one of {', '.join(MODES)}")
+    if which == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return TrainableReport.of(model, "all")
+
+    names = set(locality_parameter_names(model))
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no localify blocks (no locality parameters to train); "
+                          f"convert it with localify.localify() first")
+    if head is True:
+        heads = find_classifier(model)
+        if not heads:
+            raise ConfigError(
+                f"head=True: no classifier head found in {type(model).__name__} (no get_classifier(), no "
+                f"top-level {'/'.join(HEAD_ATTRS[:4])}, ...); pass its module path, e.g. head='classifier'")
+    elif head is False or head is None:
+        heads = []
+    else:
+        heads = [head] if isinstance(head, str) else list(head)
+        for h in heads:
+            try:
+                model.get_submodule(h)
+            except AttributeError:
+                raise ConfigError(f"head={h!r}: {type(model).__name__} has no such module") from None
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names or any(n.startswith(h + ".") for h in heads))
+    return TrainableReport.of(model, "locality", heads)
