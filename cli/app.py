@@ -9,7 +9,7 @@ import typer
 
 import localify
 
-from . import bench, convert, inspection, verify
+from . import bench, convert, export, inspection, verify
 from ._common import LocalifyGroup
 
 app = typer.Typer(
@@ -36,7 +36,8 @@ def _help(fn) -> str:
 
 
 for _name, _module, _fn in (("convert", convert, convert.convert), ("inspect", inspection, inspection.inspect),
-                            ("verify", verify, verify.verify), ("bench", bench, bench.bench)):
+                            ("verify", verify, verify.verify), ("bench", bench, bench.bench),
+                            ("export", export, export.export)):
     app.command(_name, help=_help(_fn), epilog=_module.EPILOG)(_fn)
 
 

@@ -417,3 +417,18 @@ def test_installed_script(tmp_path) -> None:
                          cwd=tmp_path, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["source"] == TIMM
+
+
+# --------------------------------------------------------------------------------------------------- export
+@pytest.mark.slow
+def test_export_onnx_from_source_and_saved_file(run, tmp_path, saved_timm) -> None:
+    """`localify export` writes an ONNX file that onnxruntime checked; a saved file exports too."""
+    pytest.importorskip("onnxruntime")
+    kwargs = json.dumps({**TIMM_KWARGS, "dynamic_img_size": True})
+    data = _json(run("export", TIMM, "--model-kwargs", kwargs, "--layers", "1", "-o", tmp_path / "a.onnx", "--json"))
+    assert Path(data["path"]).exists() and data["dynamic_batch"] and data["dynamic_hw"]
+    assert data["max_abs_err"] is not None and data["max_abs_err"] < 1e-4
+    data = _json(run("export", saved_timm, "-o", tmp_path / "b.onnx", "--json", "--dynamic", "batch"))
+    assert data["dynamic_batch"] and not data["dynamic_hw"]
+    _error(run("export", saved_timm, "-o", tmp_path / "b.onnx"), 1, "already exists")
+    _error(run("export", saved_timm, "-o", tmp_path / "b.txt"), 2, ".onnx")
