@@ -28,6 +28,9 @@ import torch
 
 import localify
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _stable import stable_allocator  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_localvit import replace_mlps_with_reference  # noqa: E402
 
@@ -69,6 +72,7 @@ def _train_step(model, x, iters):
 
 
 def main() -> None:
+    stable_allocator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_tiny_patch16_224")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])

@@ -1,0 +1,22 @@
+"""Stable CPU timings: keep glibc from returning large tensors' memory to the kernel after every op.
+
+With glibc's default malloc, every large tensor is a fresh mmap whose pages the kernel zeroes on first touch;
+on a small VM that system time dominates and swings between runs (seen here: the same model at 199 ms or
+270 ms per batch depending on the process). Raising the mmap and trim thresholds reuses freed memory, as
+jemalloc / tcmalloc would. The scripts re-execute themselves once with these settings (both models of a
+comparison run in that same process); set LOCALIFY_BENCH_RAW=1 to measure with the default allocator.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
+
+def stable_allocator() -> None:
+    if os.environ.get("LOCALIFY_BENCH_RAW") == "1" or "GLIBC_TUNABLES" in os.environ:
+        return
+    os.environ["GLIBC_TUNABLES"] = TUNABLES
+    os.execv(sys.executable, [sys.executable, *sys.argv])
