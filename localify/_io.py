@@ -360,6 +360,8 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | dict) -> n
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     own = model.state_dict()
+    if set(state) != set(own) and not isinstance(checkpoint, dict):
+        state = _hf_renamed(model, Path(checkpoint)) or state
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     bad = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
@@ -369,6 +371,23 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | dict) -> n
                 "do not fit", "does not fit"))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _hf_renamed(model: nn.Module, path: Path) -> dict[str, torch.Tensor] | None:
+    """A Hugging Face checkpoint file read the way ``from_pretrained`` reads it: transformers 5 renames the
+    4.x-style keys that ``save_pretrained`` and the hub files use. None if ``model`` is not a HF model."""
+    cfg = getattr(model, "config", None)
+    if not hasattr(type(model), "from_pretrained") or not hasattr(cfg, "save_pretrained"):
+        return None
+    name = "model.safetensors" if path.suffix == ".safetensors" else "pytorch_model.bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.save_pretrained(tmp)
+        os.symlink(path.resolve(), Path(tmp) / name)
+        try:
+            ref = type(model).from_pretrained(tmp, local_files_only=True)
+        except Exception:
+            return None
+    return ref.state_dict()
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

@@ -188,3 +188,18 @@ def test_checkpoints(tmp_path) -> None:
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="weights_only"):
         localify.load_checkpoint(fresh, tmp_path / "corrupt.pth")
+
+
+def test_hugging_face_checkpoint_file(tmp_path) -> None:
+    """A checkpoint written by save_pretrained (4.x-style key names in transformers 5) loads by file."""
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    src = ViTModel(cfg).eval()
+    src.save_pretrained(tmp_path / "hf")
+    torch.manual_seed(1)
+    model = ViTModel(cfg).eval()
+    localify.load_checkpoint(model, tmp_path / "hf" / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(src(pixel_values=X).last_hidden_state, model(pixel_values=X).last_hidden_state)
