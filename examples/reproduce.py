@@ -14,7 +14,7 @@ the same batch order: the comparison is paired.
     python examples/reproduce.py --quick --out out/quick    # 1 seed, 3 epochs, 3 settings: a smoke run for CI
     python examples/reproduce.py --epochs 30 --seeds 0 --settings baseline localvit-early --out out/long
 
-The whole study took 17 min (1,000 s of CPU) on one thread of a shared 2-core machine; ``--threads`` sets
+The whole study takes 11.6 min (23 min of CPU) with 2 threads on an idle 2-core machine; ``--threads`` sets
 torch's thread count (2 by default; use 1 when the cores are busy, 2 threads then run several times slower).
 
 Writes into ``--out``: ``results.json`` (every curve), ``results.md`` (mean +- std table), ``curves.png``
