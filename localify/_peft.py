@@ -59,16 +59,10 @@ class TrainableReport:
 def locality_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters localify added: the depth-wise kernels of ``LocalityLinear`` (not the wrapped
     projection) and every parameter of a ``LocalViTFFN``."""
-    from .ffn import LocalViTFFN
-    from .layers import LocalityLinear
+    from ._io import locality_keys
 
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, LocalityLinear):
-            out += [f"{name}.{k}" for k, _ in mod.named_parameters() if not k.startswith("linear.")]
-        elif isinstance(mod, LocalViTFFN):
-            out += [f"{name}.{k}" for k, _ in mod.named_parameters()]
-    return out
+    params = {n for n, _ in model.named_parameters()}
+    return [k for k in locality_keys(model) if k in params]
 
 
 def find_classifier(model: nn.Module) -> list[str]:
