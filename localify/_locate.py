@@ -403,8 +403,8 @@ def _spec_value(spec: GridSpec, rec: CallRecord) -> tuple[int, int] | None:
     return h, w
 
 
-def _validates(spec: GridSpec, site: MLPSite, fc1_k: int, probe: list[CallRecord]) -> bool:
-    rec = _nth_input(probe, site.fc1[0], fc1_k)
+def _validates(spec: GridSpec, site: MLPSite, probe: list[CallRecord]) -> bool:
+    rec = _nth_input(probe, site.fc1[0], 0)
     if rec is None or not rec.tensors:
         return False
     n = rec.tensors[0][1][1] if len(rec.tensors[0][1]) >= 3 else None
@@ -421,17 +421,14 @@ def _validates(spec: GridSpec, site: MLPSite, fc1_k: int, probe: list[CallRecord
 
 
 def _assign_source(site: MLPSite, res: Found, trace: Trace, probe: list[CallRecord] | None) -> None:
-    fc1 = site.fc1[0]
-    rec = _nth_input(trace.calls, fc1, 0)
-    # which call of fc1 this graph node is (a module called several times per forward)
-    k = 0
+    # the site's first call of fc1 (an fc1 module shared by several blocks is located by its first call)
+    rec = _nth_input(trace.calls, site.fc1[0], 0)
     before = rec.order if rec is not None else len(trace.calls)
     cands = _candidates(trace, before, res.spatial, res.unfold)
-    chosen = None
     if probe is None:
         chosen = cands[0] if cands else GridSpec(kind="static", static=res.grid)
     else:
-        chosen = next((c for c in cands if _validates(c, site, k, probe)), None)
+        chosen = next((c for c in cands if _validates(c, site, probe)), None)
     if chosen is None:
         site.status = NO_GRID
         site.reason = (

@@ -199,6 +199,3 @@ def _call_factory(spec: str, kwargs: dict) -> nn.Module:
         raise ModelSourceError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
-
-def is_local_path(text: str) -> bool:
-    return Path(text).exists()
