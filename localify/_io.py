@@ -400,6 +400,11 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             return load_file(str(path))
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"cannot load checkpoint {path} with weights_only=True: it is neither a PyTorch "
+                              f"checkpoint nor safetensors (corrupt, truncated or another format)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -70,9 +70,21 @@ def _check_range(picked: list[int], num_blocks: int, spec: object) -> list[int]:
     bad = [i for i in picked if not 1 <= i <= num_blocks]
     if bad:
         raise LayerSpecError(
-            f"layers={spec!r} selects block(s) {bad} but the model has {num_blocks} transformer blocks; "
+            f"layers={spec!r} selects block(s) {_ranges(bad)} but the model has {num_blocks} transformer blocks; "
             f"valid block numbers are 1-{num_blocks}"
         )
     if not picked:
         raise LayerSpecError(f"layers={spec!r} selects no block; valid block numbers are 1-{num_blocks}")
     return picked
+
+
+def _ranges(nums: list[int]) -> str:
+    """[13, 14, 15, 20] -> '13-15, 20'."""
+    out, start = [], None
+    for i, n in enumerate(nums):
+        if start is None:
+            start = n
+        if i + 1 == len(nums) or nums[i + 1] != n + 1:
+            out.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out)

@@ -110,7 +110,11 @@ def resolve_timm_name(name: str) -> str:
         shown = ", ".join(starts[:8]) + (", ..." if len(starts) > 8 else "")
         raise ModelSourceError(f"model name {name!r} is ambiguous: it starts {len(starts)} timm models ({shown}); "
                                f"give the full name")
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    stem = name
+    while len(stem) > 3 and not any(n.startswith(stem) for n in names):
+        stem = stem[:-1]
+    close = [n for n in names if len(stem) > 3 and n.startswith(stem)][:3]
+    close += [n for n in difflib.get_close_matches(name, names, n=5, cutoff=0.5) if n not in close][: 5 - len(close)]
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise ModelSourceError(f"unknown model {name!r}: not a timm model name, 'hf:PATH' or 'module:factory'{hint}")
 
