@@ -5,6 +5,13 @@ then a depth-wise convolution runs over the token grid of its output, while pref
 distillation, register) and suffix tokens (detection) skip only the convolution. Initialised with an
 identity (Dirac) kernel, the MLP computes exactly what it computed before (the ``fc1 -> dw -> act -> fc2``
 order of PVTv2's ConvFFN).
+
+Layout, measured on CPU (``benchmarks/bench_overhead.py``): the hidden grid is handed to the convolution as a
+channels-last view, never copied. With one sample in eager mode, the convolution is padded by one extra row
+at the top and bottom so that its output has room for the prefix tokens right before the grid and the suffix
+tokens right after it: the result is returned as a view of the conv output, with no concatenation of the wide
+hidden tensor. With more samples the grid tokens are projected on their own (a contiguous, channels-last
+grid) and the few extra tokens are projected separately and concatenated.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._grid import GridSource, check_tokens
@@ -99,6 +107,18 @@ class LocalityLinear(nn.Module):
         y = self.dwconv(g)
         return g + y if self.residual else y
 
+    def _conv_padded(self, g: torch.Tensor) -> torch.Tensor | None:
+        """The conv of a (B, C, H, W) grid with one extra output row above and below; None if ``dwconv`` is
+        not a plain, hook-free Conv2d (then it is called as a module)."""
+        conv = self.dwconv
+        if type(conv) is not nn.Conv2d or conv._forward_hooks or conv._forward_pre_hooks:
+            return None
+        k = conv.kernel_size[0] // 2
+        y = F.conv2d(g, conv.weight, conv.bias, 1, (k + 1, k), 1, conv.groups)
+        if self.residual:  # h + dw(h), added into the fresh conv output
+            y.narrow(2, 1, g.shape[2]).add_(g)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "BHWC":
             return self._conv(self.linear(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -108,6 +128,20 @@ class LocalityLinear(nn.Module):
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
             return grid_to_tokens(self._conv(tokens_to_grid(self.linear(x), hw)))
+        if x.shape[0] == 1 and max(p, s) <= hw[1] and not _tracing():
+            # One sample: the grid rows of the full projection are already a channels-last image. One
+            # extra row of padding above and below the grid leaves room in the conv output for the prefix
+            # tokens (end of the top row) and the suffix tokens (start of the bottom row), so the tokens
+            # come back as a view of it; only the few extra tokens are copied.
+            h = self.linear(x)
+            y = self._conv_padded(tokens_to_grid(h[:, p:n - s], hw))
+            if y is not None:
+                out = grid_to_tokens(y).narrow(1, hw[1] - p, n)
+                if p:
+                    out[:, :p] = h[:, :p]
+                if s:
+                    out[:, n - s:] = h[:, n - s:]
+                return out
         # project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
         # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately
         z = grid_to_tokens(self._conv(tokens_to_grid(self.linear(x[:, p:n - s]), hw)))
@@ -117,3 +151,8 @@ class LocalityLinear(nn.Module):
         if s:
             parts.append(self.linear(x[:, n - s:]))
         return torch.cat(parts, dim=1)
+
+
+def _tracing() -> bool:
+    """True under torch.compile / torch.export / TorchScript tracing: take the shape-generic path there."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()

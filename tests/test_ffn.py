@@ -404,6 +404,51 @@ def test_fuse_locality_linear(p, s, k):
         assert torch.equal(f2(x), f(x))
 
 
+def naive_locality_linear(m: LocalityLinear, x: torch.Tensor, hw) -> torch.Tensor:
+    """fc1 on every token, then the depth-wise conv on the grid in plain NCHW layout; extras skip it."""
+    h = m.linear(x)
+    n, p, s = x.shape[1], m.prefix, m.suffix
+    g = h[:, p : n - s].transpose(1, 2).reshape(x.shape[0], -1, *hw).contiguous()
+    y = F.conv2d(g, m.dwconv.weight, None, 1, m.dwconv.kernel_size[0] // 2, 1, g.shape[1])
+    if m.residual:
+        y = y + g
+    return torch.cat([h[:, :p], y.flatten(2).transpose(1, 2), h[:, n - s :]], 1)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("residual", [False, True], ids=["dwconv", "residual"])
+@pytest.mark.parametrize(
+    "p,s,hw", [(0, 0, (H, W)), (1, 0, (H, W)), (2, 3, (5, 7)), (4, 1, (7, 5)), (9, 0, (6, 3)), (0, 4, (1, 3))]
+)
+def test_locality_linear_matches_naive(p, s, hw, residual, batch):
+    """Every token path (one sample: a view of a row-padded conv; more: split + concat; more extra tokens than
+    a grid row: the fallback) gives the plain computation, with a random kernel, in and out of autograd."""
+    torch.manual_seed(0)
+    m = LocalityLinear(nn.Linear(IN, HID), static_grid(hw), p, s, residual=residual)
+    with torch.no_grad():
+        m.dwconv.weight.normal_()
+    x = torch.randn(batch, hw[0] * hw[1] + p + s, IN, requires_grad=True)
+    ref = naive_locality_linear(m, x, hw)
+    y = m(x)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    (gx,) = torch.autograd.grad((y * ref.detach()).sum(), x)
+    (gr,) = torch.autograd.grad((ref * ref.detach()).sum(), x)
+    torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_locality_linear_hooks_on_dwconv_still_run():
+    """A hook on the depth-wise conv (or a replaced conv module) is honoured on every path."""
+    m = LocalityLinear(nn.Linear(IN, HID), static_grid(), prefix=1)
+    calls = []
+    m.dwconv.register_forward_hook(lambda mod, a, out: calls.append(out.shape))
+    for batch in (1, 2):
+        m(torch.randn(batch, H * W + 1, IN))
+    assert calls == [(1, HID, H, W), (2, HID, H, W)]
+
+
 def test_fuse_locality_linear_identity_init():
     """A freshly converted residual block (zero kernel) fuses into the Dirac kernel of the plain block."""
     lin = nn.Linear(IN, HID)
