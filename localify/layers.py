@@ -143,14 +143,22 @@ class LocalityLinear(nn.Module):
                     out[:, n - s:] = h[:, n - s:]
                 return out
         # project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
-        # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately
-        z = grid_to_tokens(self._conv(tokens_to_grid(self.linear(x[:, p:n - s]), hw)))
+        # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately. The
+        # narrow inputs are made contiguous rows first: a strided 3-D input would take matmul's slower
+        # path (a copy anyway, then the bias added in a separate pass over the wide output).
+        b = x.shape[0]
+        z = self._rows(x[:, p:n - s]).view(b, n - p - s, -1)
+        z = grid_to_tokens(self._conv(tokens_to_grid(z, hw)))
         parts = [z]
         if p:
-            parts.insert(0, self.linear(x[:, :p]))
+            parts.insert(0, self._rows(x[:, :p]).view(b, p, -1))
         if s:
-            parts.append(self.linear(x[:, n - s:]))
+            parts.append(self._rows(x[:, n - s:]).view(b, s, -1))
         return torch.cat(parts, dim=1)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The projection of (B, L, C) tokens as (B*L, out) rows."""
+        return self.linear(t.reshape(-1, t.shape[-1]))
 
 
 def _tracing() -> bool:
