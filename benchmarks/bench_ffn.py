@@ -6,9 +6,10 @@
 Rows (all layers converted; medians over rounds; every round times each model back to back):
   original                    timm deit_tiny_patch16_224
   dwconv                      localify default variant (function-preserving)
-  localvit                    localify's LocalViT block (BN, h-swish), unfused
+  localvit                    localify's LocalViT block as LocalViT-T (BN, h-swish, SE hidden 4), unfused
   localvit fused              the same after localify.fuse()
-  reference localvit          the paper's own design, written plainly (benchmarks/reference_localvit.py)
+  reference localvit          the same design written plainly, as the paper's code does it
+                              (benchmarks/reference_localvit.py)
 Inference columns are latency ratios to the original; the training column is one forward + backward at
 batch 16 (SGD step excluded), also as a ratio to the original.
 """
@@ -45,10 +46,11 @@ def _build(model_name: str) -> dict[str, torch.nn.Module]:
         localify.localify(m, variant="dwconv")
         models["dwconv"] = m
         m = copy.deepcopy(base)
-        localify.localify(m, variant="localvit")
+        localify.localify(m, variant="localvit", act="hswish", attention="se", se_hidden=4)
         models["localvit"] = m.eval()
         models["localvit fused"] = localify.fuse(copy.deepcopy(m).eval())
-    models["reference localvit"] = replace_mlps_with_reference(copy.deepcopy(base)).eval()
+    models["reference localvit"] = replace_mlps_with_reference(copy.deepcopy(base), act="hswish",
+                                                               se_hidden=4).eval()
     return models
 
 

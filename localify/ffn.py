@@ -28,6 +28,13 @@ Implementation notes (speed):
 * BatchNorm statistics in training mode: BN1 and BN3 over all tokens (grid and extras), BN2 over the grid.
 * Without autograd (``torch.no_grad`` / ``inference_mode``) the activations and the SE/ECA scaling run in
   place on tensors the block itself just allocated (never on the input).
+* Eval mode: each BatchNorm is folded into the layer before it (BN over activations costs a full pass over
+  the hidden width; folding costs a pass over the weights). Without autograd the folded weights are kept,
+  keyed on the versions of the parameters and statistics, so an unfused block in eval costs about what a
+  fused one does, at the price of one extra copy of its weights until it goes back to training mode.
+* One sample in eval without autograd (the batch-1 latency case): fc1 runs on every token, and the
+  depth-wise conv gets one extra row of padding above and below the grid, which leaves room in its output
+  for the extra tokens; fc2 reads a view of it, so nothing is concatenated at all.
 * Backward: the row groups are separated with ``split`` (its gradient is one concat) rather than slicing.
 
 :func:`fuse_ffn` folds every BatchNorm into the preceding Linear / conv for deployment, and
@@ -259,32 +266,111 @@ class LocalViTFFN(nn.Module):
                 return fn(t, inplace=True)
         return self.act(t)
 
-    def _spatial(self, rows: torch.Tensor, b: Any, hw: tuple[Any, Any]) -> torch.Tensor:
+    def _eval_params(self) -> tuple[torch.Tensor, ...] | None:
+        """In eval mode: (w1, b1, w_dw, b_dw, w2, b2) with every BatchNorm folded in, else None.
+
+        An eval-mode BatchNorm is a per-channel affine map, so it is folded into the weights of the layer
+        before it instead of running as a full pass over the activations (BN1 and BN2 run on the hidden
+        width). Without autograd the folded weights are kept and reused until a weight or a statistic
+        changes (checked by version); they are dropped when the block goes back to training mode. With
+        autograd they are folded on every call, so gradients reach the original parameters. The module's
+        parameters are never changed (see :func:`fuse_ffn` to fold once for deployment). Modules with
+        hooks, or BatchNorms in training mode or without running statistics, keep the module-by-module path.
+        """
+        if self.training:
+            return None
+        mods = (self.fc1, self.bn1, self.dwconv, self.bn2, self.fc2, self.bn3)
+        for mod in mods:
+            if mod is not None and (mod._forward_hooks or mod._forward_pre_hooks):
+                return None
+        for bn in mods[1::2]:
+            if bn is not None and (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
+                                   or bn.running_mean is None):
+                return None
+        key = None
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            key = _version_key(mods)
+            cached = self.__dict__.get("_folded")
+            if key is not None and cached is not None and cached[0] == key:
+                return cached[1]
+        prm = (
+            *_fold_eval(self.fc1.weight, self.fc1.bias, self.bn1),
+            *_fold_eval(self.dwconv.weight, self.dwconv.bias, self.bn2),
+            *_fold_eval(self.fc2.weight, self.fc2.bias, self.bn3),
+        )
+        if key is not None and self.bn1 is not None:  # a fused block has nothing to fold: keep no copy
+            self.__dict__["_folded"] = (key, prm)
+        return prm
+
+    def train(self, mode: bool = True) -> LocalViTFFN:
+        self.__dict__.pop("_folded", None)
+        return super().train(mode)
+
+    def _pw1(self, rows: torch.Tensor, prm: tuple | None) -> torch.Tensor:
+        y = self._bn(self.bn1, self.fc1(rows)) if prm is None else F.linear(rows, prm[0], prm[1])
+        return self._act(y)
+
+    def _pw2(self, rows: torch.Tensor, prm: tuple | None) -> torch.Tensor:
+        """fc2 (+ BN3 when folded; the module path applies BN3 to all tokens at once afterwards)."""
+        return self.fc2(rows) if prm is None else F.linear(rows, prm[4], prm[5])
+
+    def _dw(self, g: torch.Tensor, prm: tuple | None, pad_rows: int = 0) -> torch.Tensor:
+        """Depth-wise conv (+ BN2 when folded) of a (B, C, H, W) grid; ``pad_rows`` extra output rows above
+        and below (folded path only)."""
+        if prm is None:
+            return self.dwconv(g)
+        k = self.dwconv.kernel_size[0] // 2
+        return F.conv2d(g, prm[2], prm[3], 1, (k + pad_rows, k), 1, self.dwconv.groups)
+
+    def _spatial(self, rows: torch.Tensor, b: Any, hw: tuple[Any, Any], prm: tuple | None) -> torch.Tensor:
         """(B*H*W, hid) contiguous grid rows -> depth-wise conv, BN, act, attention -> (B, H*W, hid)."""
         c = rows.shape[-1]
         g = rows.view(b, hw[0], hw[1], c).permute(0, 3, 1, 2)  # channels-last view, no copy
-        g = self.dwconv(g)  # channels-last in -> channels-last out
+        g = self._dw(g, prm)  # channels-last in -> channels-last out
         t = g.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels-last output
-        t = self._act(self._bn(self.bn2, t)).view(b, -1, c)
+        t = self._act(t if prm is not None else self._bn(self.bn2, t)).view(b, -1, c)
         if self.attn is not None:
             t = self.attn(t, inplace=not torch.is_grad_enabled())
         return t
 
+    def _one_sample(self, x: torch.Tensor, hw: tuple[Any, Any], prm: tuple) -> torch.Tensor:
+        """Eval, no autograd, one sample with extra tokens: no concatenation at all.
+
+        fc1 runs on every token; the grid rows are a channels-last image; the depth-wise conv gets one extra
+        row of padding above and below, which leaves room in its output for the prefix tokens (end of the
+        top row) and the suffix tokens (start of the bottom row). fc2 then reads a view of that output.
+        """
+        n, p, s = x.shape[1], self.prefix, self.suffix
+        h = self._pw1(x.reshape(n, -1), prm)  # (N, hid)
+        c = h.shape[-1]
+        g = h[p:n - s].view(1, hw[0], hw[1], c).permute(0, 3, 1, 2)
+        t = self._act(self._dw(g, prm, pad_rows=1)).permute(0, 2, 3, 1).flatten(1, 2)  # (1, (H+2)*W, hid)
+        if self.attn is not None:
+            self.attn(t.narrow(1, hw[1], n - p - s), inplace=True)
+        out = t.narrow(1, hw[1] - p, n)
+        if p:
+            out[0, :p] = h[:p]
+        if s:
+            out[0, n - s:] = h[n - s:]
+        return self._pw2(out, prm)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prm = self._eval_params()
         if self.layout == "BHWC":
             b, h, w, c = x.shape
-            y = self._act(self._bn(self.bn1, self.fc1(x.reshape(-1, c))))
-            y = self.fc2(self._spatial(y, b, (h, w)))
-            return self._bn(self.bn3, y.view(-1, y.shape[-1])).view(b, h, w, -1)
+            y = self._pw2(self._spatial(self._pw1(x.reshape(-1, c), prm), b, (h, w), prm), prm)
+            return self._bn3(y, prm).view(b, h, w, -1)
 
         b, n, c = x.shape
         hw = self.grid_source.get()
         p, s = self.prefix, self.suffix
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
-            y = self._act(self._bn(self.bn1, self.fc1(x.reshape(-1, c))))
-            y = self.fc2(self._spatial(y, b, hw))
-            return self._bn(self.bn3, y.view(-1, y.shape[-1])).view(b, n, -1)
+            y = self._pw2(self._spatial(self._pw1(x.reshape(-1, c), prm), b, hw, prm), prm)
+            return self._bn3(y, prm).view(b, n, -1)
+        if (prm is not None and b == 1 and max(p, s) <= hw[1] and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            return self._one_sample(x, hw, prm)
 
         # Rows: every grid token of the batch, then every extra token (prefix then suffix of each sample).
         # split (not slicing) so that autograd joins the gradients with one concat instead of zero-filling
@@ -297,15 +383,51 @@ class LocalViTFFN(nn.Module):
         if s:
             parts.append(suf.reshape(-1, c))
         rows = torch.cat(parts)
-        h = self._act(self._bn(self.bn1, self.fc1(rows)))  # BN1 statistics over all tokens
+        h = self._pw1(rows, prm)  # BN1 statistics over all tokens
         nl = b * m
         hg, he = h.split([nl, b * (p + s)])
-        yg = self.fc2(self._spatial(hg, b, hw))  # (B, M, out)
-        ye = self.fc2(he)  # (B*p + B*s, out): small
+        yg = self._pw2(self._spatial(hg, b, hw, prm), prm)  # (B, M, out)
+        ye = self._pw2(he, prm)  # (B*p + B*s, out): small
         o = ye.shape[-1]
         yp, ys = ye.split([b * p, b * s])
         y = torch.cat([yp.view(b, p, o), yg, ys.view(b, s, o)], dim=1)  # (B, N, out), out_dim wide
-        return self._bn(self.bn3, y.view(-1, o)).view(b, n, o)
+        return self._bn3(y, prm).view(b, n, o)
+
+    def _bn3(self, y: torch.Tensor, prm: tuple | None) -> torch.Tensor:
+        """BN3 over all tokens' rows on the module path (folded into fc2 on the eval path)."""
+        if prm is not None or self.bn3 is None:
+            return y
+        return self.bn3(y.reshape(-1, y.shape[-1]))
+
+
+def _version_key(mods: tuple[nn.Module | None, ...]) -> tuple | None:
+    """Identity and version of every parameter and buffer of ``mods``: changes whenever one is modified
+    (in place, by an optimizer or ``load_state_dict``) or replaced (``.to()``, new ``Parameter``)."""
+    key = []
+    try:
+        for mod in mods:
+            if mod is None:
+                continue
+            for t in (*mod._parameters.values(), *mod._buffers.values()):
+                key.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device))
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return None
+    return tuple(key)
+
+
+def _fold_eval(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module | None):
+    """``bn(conv_or_linear(x))`` in eval mode as one layer: the folded weight and bias."""
+    if bn is None:
+        return w, b
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    if b is not None:
+        shift = shift + b * scale
+    return w * scale.view(-1, *([1] * (w.dim() - 1))), shift
 
 
 # --- fusion ----------------------------------------------------------------------------------------------

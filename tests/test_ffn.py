@@ -146,12 +146,76 @@ def test_forward_backward_shapes(act, attention, k, tokens):
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"{t[0]}-p{t[1]}-s{t[2]}")
 @pytest.mark.parametrize("attention", ATTNS)
 @pytest.mark.parametrize("act", ["hswish", "gelu"])
-def test_matches_naive_nchw_computation(act, attention, tokens):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_matches_naive_nchw_computation(act, attention, tokens, batch):
+    """Eval mode (BatchNorms folded on the fly; one sample: the row-padded conv) against plain NCHW."""
     layout, p, s = tokens
     m = randomise(make_ffn(act, attention, 3, layout, p, s)).eval()
-    x = make_input(m)
+    x = make_input(m, batch=batch)
     with torch.no_grad():
         assert rel_err(m(x), naive_forward(m, x, (H, W))) < 1e-5
+    assert rel_err(m(x).detach(), naive_forward(m, x, (H, W))) < 1e-5  # with autograd
+
+
+def test_eval_folding_follows_every_change():
+    """The folded eval weights are reused only while nothing changed: in-place edits, load_state_dict,
+    new running statistics, a dtype change and train mode all give the fresh module-by-module result."""
+    m = randomise(make_ffn(attention="se", prefix=1)).eval()
+    x = make_input(m)
+
+    def check():
+        with torch.no_grad():
+            got = m(x)
+            assert m.__dict__.get("_folded") is not None  # the cache is in use
+        assert rel_err(got, naive_forward(m, x, (H, W))) < 1e-5
+
+    check()
+    with torch.no_grad():
+        m.fc1.weight.mul_(2)
+    check()
+    sd = randomise(make_ffn(attention="se", prefix=1), seed=7).state_dict()
+    m.load_state_dict(sd)
+    check()
+    with torch.no_grad():
+        m.bn2.running_var.mul_(3)
+        m.bn3.bias.add_(1)
+    check()
+    m.train()
+    assert "_folded" not in m.__dict__
+    m.eval()
+    check()
+    m.double()
+    x = x.double()
+    check()
+
+
+def test_eval_mode_gradients_reach_the_unfolded_parameters():
+    """In eval mode with autograd the BatchNorms are folded on every call, differentiably."""
+    m = randomise(make_ffn(attention="eca", prefix=2)).eval()
+    x = make_input(m)
+    m(x).square().mean().backward()
+    for name in ("fc1.weight", "bn1.weight", "bn1.bias", "dwconv.weight", "bn2.weight", "fc2.weight", "bn3.bias"):
+        g = m.get_parameter(name).grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert "_folded" not in m.__dict__
+
+
+def test_eval_path_respects_hooks_and_train_mode_batchnorm():
+    """A hook on an inner layer, or a BatchNorm left in training mode, keeps the module-by-module path."""
+    m = randomise(make_ffn(attention="se", prefix=1)).eval()
+    x = make_input(m)
+    calls = []
+    handle = m.bn2.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        y_hook = m(x)
+    assert calls == [1]
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y_hook, rtol=1e-5, atol=1e-6)
+        m.bn1.train()  # batch statistics: cannot be folded
+        y_bn_train = m(x)
+    assert int(m.bn1.num_batches_tracked) == 1
+    assert rel_err(y_bn_train, y_hook) > 1e-4
 
 
 @pytest.mark.parametrize("hw", [(6, 10), (10, 6), (1, 7)])
