@@ -349,9 +349,9 @@ class LocalViTFFN(nn.Module):
             self.attn(t.narrow(1, hw[1], n - p - s), inplace=True)
         out = t.narrow(1, hw[1] - p, n)
         if p:
-            out[0, :p] = h[:p]
+            out[0].narrow(0, 0, p).copy_(h.narrow(0, 0, p))
         if s:
-            out[0, n - s:] = h[n - s:]
+            out[0].narrow(0, n - s, s).copy_(h.narrow(0, n - s, s))
         return self._pw2(out, prm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -138,9 +138,9 @@ class LocalityLinear(nn.Module):
             if y is not None:
                 out = grid_to_tokens(y).narrow(1, hw[1] - p, n)
                 if p:
-                    out[:, :p] = h[:, :p]
+                    out.narrow(1, 0, p).copy_(h.narrow(1, 0, p))
                 if s:
-                    out[:, n - s:] = h[:, n - s:]
+                    out.narrow(1, n - s, s).copy_(h.narrow(1, n - s, s))
                 return out
         # project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
         # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately. The
