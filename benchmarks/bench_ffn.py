@@ -2,11 +2,12 @@
 
     python benchmarks/bench_ffn.py                    # deit_tiny, 2 threads, 224x224, batch 1 and 16 + train step
     python benchmarks/bench_ffn.py --rounds 5 --batches 16
+    python benchmarks/bench_ffn.py --se               # the LocalViT-T design (SE hidden 4) on both sides
 
 Rows (all layers converted; medians over rounds; every round times each model back to back):
   original                    timm deit_tiny_patch16_224
   dwconv                      localify default variant (function-preserving)
-  localvit                    localify's LocalViT block as LocalViT-T (BN, h-swish, SE hidden 4), unfused
+  localvit                    localify's LocalViT block (BN, h-swish; --se adds SE hidden 4 as LocalViT-T), unfused
   localvit fused              the same after localify.fuse()
   reference localvit          the same design written plainly, as the paper's code does it
                               (benchmarks/reference_localvit.py)
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from reference_localvit import replace_mlps_with_reference  # noqa: E402
 
 
-def _build(model_name: str) -> dict[str, torch.nn.Module]:
+def _build(model_name: str, se_hidden: int | None) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     base = timm.create_model(model_name, pretrained=False).eval()
     models = {"original": base}
@@ -46,11 +47,12 @@ def _build(model_name: str) -> dict[str, torch.nn.Module]:
         localify.localify(m, variant="dwconv")
         models["dwconv"] = m
         m = copy.deepcopy(base)
-        localify.localify(m, variant="localvit", act="hswish", attention="se", se_hidden=4)
+        opts = {"attention": "se", "se_hidden": se_hidden} if se_hidden else {}
+        localify.localify(m, variant="localvit", act="hswish", **opts)
         models["localvit"] = m.eval()
         models["localvit fused"] = localify.fuse(copy.deepcopy(m).eval())
     models["reference localvit"] = replace_mlps_with_reference(copy.deepcopy(base), act="hswish",
-                                                               se_hidden=4).eval()
+                                                               se_hidden=se_hidden).eval()
     return models
 
 
@@ -81,9 +83,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--se", action="store_true", help="SE (hidden 4) in both localvit and the reference")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    models = _build(args.model)
+    models = _build(args.model, 4 if args.se else None)
     results: dict[str, dict[str, float]] = {name: {} for name in models}
     cols = []
     for b in args.batches:
@@ -113,8 +116,9 @@ def main() -> None:
         for name in train_models:
             results[name][col] = statistics.median(times[name])
 
-    print(f"{args.model}, all blocks, {args.threads} threads, 224x224, medians of interleaved rounds; "
-          f"ratio to the original (ms)")
+    design = "h-swish + SE hidden 4" if args.se else "h-swish, no channel attention"
+    print(f"{args.model}, all blocks, localvit and reference: {design}, {args.threads} threads, 224x224, "
+          "medians of interleaved rounds; ratio to the original (ms)")
     print(f"{'':<20}" + "".join(f"{c:>20}" for c in cols))
     base = results["original"]
     for name, row in results.items():

@@ -287,6 +287,9 @@ class LocalViTFFN(nn.Module):
             if bn is not None and (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
                                    or bn.running_mean is None):
                 return None
+        if self.bn1 is None and self.bn2 is None and self.bn3 is None:  # fused: nothing to fold
+            return (self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, self.fc2.weight,
+                    self.fc2.bias)
         key = None
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             key = _version_key(mods)
@@ -298,7 +301,7 @@ class LocalViTFFN(nn.Module):
             *_fold_eval(self.dwconv.weight, self.dwconv.bias, self.bn2),
             *_fold_eval(self.fc2.weight, self.fc2.bias, self.bn3),
         )
-        if key is not None and self.bn1 is not None:  # a fused block has nothing to fold: keep no copy
+        if key is not None:
             self.__dict__["_folded"] = (key, prm)
         return prm
 
