@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overhead.py                      # deit_tiny, default variant, batch 1 and 16
     python benchmarks/bench_overhead.py --model deit_small_patch16_224 --batches 1 8 --threads 2
+    python benchmarks/bench_overhead.py --kw class_token=False --kw global_pool="'avg'"   # no extra tokens
 
 Each round times the original and the converted model back to back (inference mode, 224x224, random
 weights), so machine noise hits both; the table shows medians over rounds and their ratio.
@@ -10,6 +11,7 @@ weights), so machine noise hits both; the table shows medians over rounds and th
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import os
 import statistics
@@ -33,10 +35,11 @@ def _time(model, x, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def bench(model_name: str, batches: list[int], threads: int, rounds: int, variant: str, layers: str) -> list[dict]:
+def bench(model_name: str, batches: list[int], threads: int, rounds: int, variant: str, layers: str,
+          model_kwargs: dict | None = None) -> list[dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    base = timm.create_model(model_name, pretrained=False).eval()
+    base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
     conv = copy.deepcopy(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -68,9 +71,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--variant", default="dwconv")
     ap.add_argument("--layers", default="all")
+    ap.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE",
+                    help="timm.create_model keyword (VALUE is a Python literal), e.g. class_token=False")
     args = ap.parse_args()
-    rows = bench(args.model, args.batches, args.threads, args.rounds, args.variant, args.layers)
-    print(f"{args.model}, variant={args.variant}, layers={args.layers}, {args.threads} threads, 224x224, "
+    kwargs = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.kw)}
+    rows = bench(args.model, args.batches, args.threads, args.rounds, args.variant, args.layers, kwargs)
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    print(f"{args.model}{extra}, variant={args.variant}, layers={args.layers}, {args.threads} threads, 224x224, "
           f"inference, medians of {args.rounds} interleaved rounds")
     print(f"{'batch':>5} {'original ms':>12} {'converted ms':>13} {'ratio':>7} {'min/min':>8} {'paired':>7}")
     for r in rows:
