@@ -371,8 +371,8 @@ class LocalViTFFN(nn.Module):
         if p == 0 and s == 0:
             y = self._pw2(self._spatial(self._pw1(x.reshape(-1, c), prm), b, hw, prm), prm)
             return self._bn3(y, prm).view(b, n, -1)
-        if (prm is not None and b == 1 and max(p, s) <= hw[1] and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        if (prm is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and b == 1 and max(p, s) <= hw[1]):  # no shape guard when tracing
             return self._one_sample(x, hw, prm)
 
         # Rows: every grid token of the batch, then every extra token (prefix then suffix of each sample).
@@ -521,6 +521,7 @@ def fuse_ffn(m: LocalViTFFN) -> LocalViTFFN:
         raise FuseError(f"localify: fuse_ffn expects a LocalViTFFN, got {type(m).__name__}")
     _require_eval(m)
     f = _copy_sharing_grid(m)
+    f.__dict__.pop("_folded", None)  # the eval-mode cache of m, if it had one
     if f.fused:
         return f
     f.fc1 = _fold_linear(f.fc1, f.bn1)

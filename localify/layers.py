@@ -128,7 +128,7 @@ class LocalityLinear(nn.Module):
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
             return grid_to_tokens(self._conv(tokens_to_grid(self.linear(x), hw)))
-        if x.shape[0] == 1 and max(p, s) <= hw[1] and not _tracing():
+        if not _tracing() and x.shape[0] == 1 and max(p, s) <= hw[1]:  # no shape guard when tracing
             # One sample: the grid rows of the full projection are already a channels-last image. One
             # extra row of padding above and below the grid leaves room in the conv output for the prefix
             # tokens (end of the top row) and the suffix tokens (start of the bottom row), so the tokens
@@ -146,19 +146,18 @@ class LocalityLinear(nn.Module):
         # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately. The
         # narrow inputs are made contiguous rows first: a strided 3-D input would take matmul's slower
         # path (a copy anyway, then the bias added in a separate pass over the wide output).
-        b = x.shape[0]
-        z = self._rows(x[:, p:n - s]).view(b, n - p - s, -1)
-        z = grid_to_tokens(self._conv(tokens_to_grid(z, hw)))
+        z = grid_to_tokens(self._conv(tokens_to_grid(self._rows(x[:, p:n - s]), hw)))
         parts = [z]
         if p:
-            parts.insert(0, self._rows(x[:, :p]).view(b, p, -1))
+            parts.insert(0, self._rows(x[:, :p]))
         if s:
-            parts.append(self._rows(x[:, n - s:]).view(b, s, -1))
+            parts.append(self._rows(x[:, n - s:]))
         return torch.cat(parts, dim=1)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """The projection of (B, L, C) tokens as (B*L, out) rows."""
-        return self.linear(t.reshape(-1, t.shape[-1]))
+        """The projection of (B, L, C) tokens, computed on contiguous (B*L, C) rows."""
+        y = self.linear(t.reshape(-1, t.shape[-1]))
+        return y.view(t.shape[0], t.shape[1], y.shape[-1])
 
 
 def _tracing() -> bool:

@@ -586,3 +586,9 @@ def test_no_grad_inplace_path_matches(fused, act, tokens):
     assert torch.equal(x, x0)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
     torch.testing.assert_close(z, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_locality_linear_empty_batch(residual):
+    m = LocalityLinear(nn.Linear(IN, HID), static_grid(), prefix=1, suffix=2, residual=residual)
+    assert m(torch.randn(0, H * W + 3, IN)).shape == (0, H * W + 3, HID)
