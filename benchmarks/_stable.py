@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 
@@ -20,3 +21,11 @@ def stable_allocator() -> None:
         return
     os.environ["GLIBC_TUNABLES"] = TUNABLES
     os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def per_call(model, x, iters: int) -> float:
+    """Mean seconds per ``model(x)`` over ``iters`` back-to-back calls (the caller sets the grad mode)."""
+    t = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    return (time.perf_counter() - t) / iters

@@ -31,7 +31,7 @@ import torch
 import localify
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stable import stable_allocator  # noqa: E402
+from _stable import per_call, stable_allocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_localvit import replace_mlps_with_reference  # noqa: E402
@@ -58,10 +58,7 @@ def _build(model_name: str, se_hidden: int | None) -> dict[str, torch.nn.Module]
 
 def _infer(model, x, iters):
     with torch.inference_mode():
-        t = time.perf_counter()
-        for _ in range(iters):
-            model(x)
-        return (time.perf_counter() - t) / iters
+        return per_call(model, x, iters)
 
 
 def _train_step(model, x, iters):

@@ -16,7 +16,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import timm
@@ -25,14 +24,7 @@ import torch
 import localify
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stable import stable_allocator  # noqa: E402
-
-
-def _time(model, x, iters: int) -> float:
-    t = time.perf_counter()
-    for _ in range(iters):
-        model(x)
-    return (time.perf_counter() - t) / iters
+from _stable import per_call, stable_allocator  # noqa: E402
 
 
 def bench(model_name: str, batches: list[int], threads: int, rounds: int, variant: str, layers: str,
@@ -50,11 +42,11 @@ def bench(model_name: str, batches: list[int], threads: int, rounds: int, varian
             x = torch.randn(b, 3, 224, 224)
             iters = max(2, 16 // b)
             for m in (base, conv):  # warm-up
-                _time(m, x, 2)
+                per_call(m, x, 2)
             tb, tc = [], []
             for _ in range(rounds):
-                tb.append(_time(base, x, iters))
-                tc.append(_time(conv, x, iters))
+                tb.append(per_call(base, x, iters))
+                tc.append(per_call(conv, x, iters))
             mb, mc = statistics.median(tb), statistics.median(tc)
             rows.append({"batch": b, "original_ms": mb * 1e3, "converted_ms": mc * 1e3, "ratio": mc / mb,
                          "ratio_of_min": min(tc) / min(tb),

@@ -54,7 +54,7 @@ from torch import nn
 
 from ._grid import GridSource, check_tokens
 from .errors import ConfigError, FuseError
-from .layers import LocalityLinear
+from .layers import LocalityLinear, tokens_around_grid, tracing
 
 __all__ = [
     "LocalViTFFN",
@@ -350,12 +350,7 @@ class LocalViTFFN(nn.Module):
         t = self._act(self._dw(g, prm, pad_rows=1)).permute(0, 2, 3, 1).flatten(1, 2)  # (1, (H+2)*W, hid)
         if self.attn is not None:
             self.attn(t.narrow(1, hw[1], n - p - s), inplace=True)
-        out = t.narrow(1, hw[1] - p, n)
-        if p:
-            out[0].narrow(0, 0, p).copy_(h.narrow(0, 0, p))
-        if s:
-            out[0].narrow(0, n - s, s).copy_(h.narrow(0, n - s, s))
-        return self._pw2(out, prm)
+        return self._pw2(tokens_around_grid(t, h.unsqueeze(0), hw[1], p, s), prm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prm = self._eval_params()
@@ -371,8 +366,8 @@ class LocalViTFFN(nn.Module):
         if p == 0 and s == 0:
             y = self._pw2(self._spatial(self._pw1(x.reshape(-1, c), prm), b, hw, prm), prm)
             return self._bn3(y, prm).view(b, n, -1)
-        if (prm is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and b == 1 and max(p, s) <= hw[1]):  # no shape guard when tracing
+        if (prm is not None and not torch.is_grad_enabled() and not tracing()
+                and b == 1 and max(p, s) <= hw[1]):  # no shape guard when tracing
             return self._one_sample(x, hw, prm)
 
         # Rows: every grid token of the batch, then every extra token (prefix then suffix of each sample).

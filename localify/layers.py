@@ -128,7 +128,7 @@ class LocalityLinear(nn.Module):
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
             return grid_to_tokens(self._conv(tokens_to_grid(self.linear(x), hw)))
-        if not _tracing() and x.shape[0] == 1 and max(p, s) <= hw[1]:  # no shape guard when tracing
+        if not tracing() and x.shape[0] == 1 and max(p, s) <= hw[1]:  # no shape guard when tracing
             # One sample: the grid rows of the full projection are already a channels-last image. One
             # extra row of padding above and below the grid leaves room in the conv output for the prefix
             # tokens (end of the top row) and the suffix tokens (start of the bottom row), so the tokens
@@ -136,12 +136,7 @@ class LocalityLinear(nn.Module):
             h = self.linear(x)
             y = self._conv_padded(tokens_to_grid(h[:, p:n - s], hw))
             if y is not None:
-                out = grid_to_tokens(y).narrow(1, hw[1] - p, n)
-                if p:
-                    out.narrow(1, 0, p).copy_(h.narrow(1, 0, p))
-                if s:
-                    out.narrow(1, n - s, s).copy_(h.narrow(1, n - s, s))
-                return out
+                return tokens_around_grid(grid_to_tokens(y), h, hw[1], p, s)
         # project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
         # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately. The
         # narrow inputs are made contiguous rows first: a strided 3-D input would take matmul's slower
@@ -160,6 +155,22 @@ class LocalityLinear(nn.Module):
         return y.view(t.shape[0], t.shape[1], y.shape[-1])
 
 
-def _tracing() -> bool:
+def tokens_around_grid(t: torch.Tensor, h: torch.Tensor, width: Any, prefix: int, suffix: int) -> torch.Tensor:
+    """The (B, N, C) tokens of a row-padded grid output, as a view; the extra tokens are copied in from ``h``.
+
+    ``t`` is (B, (H + 2) * W, C): the grid rows with one padding row above and below. The prefix tokens go at
+    the end of the top padding row and the suffix tokens at the start of the bottom one, so the result is
+    ``t[:, W - prefix : W - prefix + N]``, dense for one sample. ``h`` holds all N tokens (B, N, C).
+    """
+    n = h.shape[1]
+    out = t.narrow(1, width - prefix, n)
+    if prefix:
+        out.narrow(1, 0, prefix).copy_(h.narrow(1, 0, prefix))
+    if suffix:
+        out.narrow(1, n - suffix, suffix).copy_(h.narrow(1, n - suffix, suffix))
+    return out
+
+
+def tracing() -> bool:
     """True under torch.compile / torch.export / TorchScript tracing: take the shape-generic path there."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
