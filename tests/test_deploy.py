@@ -26,12 +26,7 @@ SIZES = [(2, 64, 96), (3, 32, 32), (1, 80, 48)]  # (batch, H, W): the traced one
 VARIANTS = ["dwconv", "residual", "localvit", "localvit-fused"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -26,13 +26,7 @@ KERNELS = [3, 5]
 TOKENS = [("BNC", 0, 0), ("BNC", 1, 0), ("BNC", 0, 2), ("BNC", 4, 1), ("BHWC", 0, 0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: extra threads only add sync overhead (100x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def static_grid(hw=(H, W)) -> GridSource:

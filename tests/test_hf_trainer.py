@@ -13,12 +13,7 @@ import localify
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install 'localify[test]')")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(variant: str = "dwconv") -> transformers.ViTForImageClassification:
