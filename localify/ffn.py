@@ -309,6 +309,12 @@ class LocalViTFFN(nn.Module):
         self.__dict__.pop("_folded", None)
         return super().train(mode)
 
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save(model)``, ``copy.deepcopy``) leaves out the folded-weights cache."""
+        state = super().__getstate__().copy()
+        state.pop("_folded", None)
+        return state
+
     def _pw1(self, rows: torch.Tensor, prm: tuple | None) -> torch.Tensor:
         y = self._bn(self.bn1, self.fc1(rows)) if prm is None else F.linear(rows, prm[0], prm[1])
         return self._act(y)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import io
 from pathlib import Path
 
 import pytest
@@ -181,6 +183,29 @@ def test_eval_folding_follows_every_change():
     m.double()
     x = x.double()
     check()
+
+
+def test_pickling_leaves_out_the_folded_weights():
+    """torch.save(model) and deepcopy do not carry the eval cache (an extra copy of every weight)."""
+    m = randomise(make_ffn(attention="se", prefix=1)).eval()
+    x = make_input(m)
+    with torch.no_grad():
+        want = m(x)
+    assert "_folded" in m.__dict__
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    size_without = len(buf.getvalue())
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (loaded, copy.deepcopy(m)):
+        assert "_folded" not in other.__dict__
+        with torch.no_grad():
+            assert torch.equal(other(x), want)
+    assert "_folded" in m.__dict__  # the original keeps its cache
+    m.__dict__.pop("_folded")
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    assert len(buf.getvalue()) == size_without
 
 
 def test_eval_mode_gradients_reach_the_unfolded_parameters():
