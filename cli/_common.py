@@ -258,7 +258,14 @@ ModelKwargsOpt = Annotated[str | None, typer.Option(
 CheckpointOpt = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", metavar="FILE", rich_help_panel=MODEL_PANEL,
     help="Local pretrained weights loaded into the base model before anything else: .safetensors, or "
-         ".pth/.bin/.pt read with weights_only=True. Without it timm and factory models have random weights.",
+         ".pth/.bin/.pt read with weights_only=True. Without it (or --pretrained) timm and factory models have "
+         "random weights.",
+)]
+PretrainedOpt = Annotated[bool, typer.Option(
+    "--pretrained", rich_help_panel=MODEL_PANEL,
+    help="Load the model's pretrained weights: timm's from the Hugging Face cache (set HF_HUB_OFFLINE=1 to "
+         "never download), hf: the weights with its config (missing ones are an error instead of random "
+         "init), a factory is called with pretrained=True. --checkpoint is loaded on top.",
 )]
 LayersOpt = Annotated[str, typer.Option(
     "--layers", "-l", metavar="SPEC", rich_help_panel=CONVERSION_PANEL,
@@ -362,9 +369,11 @@ class LoadedModel:
         return self.source.describe()
 
 
-def load_model(text: str, model_kwargs: dict, checkpoint: Path | None, out: Output) -> LoadedModel:
-    """Build the base model of a source string (timm name or prefix, ``hf:``, ``module:factory``), load its
-    weights (``--checkpoint``, or the Hugging Face weights found with the config), in eval mode."""
+def load_model(text: str, model_kwargs: dict, checkpoint: Path | None, out: Output,
+               pretrained: bool = False) -> LoadedModel:
+    """Build the base model of a source string (timm name or prefix, ``hf:``, ``module:factory``) with its
+    weights, in eval mode: ``--pretrained`` weights, then ``--checkpoint``; an ``hf:`` model gets the weights
+    stored with its config when there are any."""
     from localify._sources import parse_source
 
     if not text.startswith("hf:") and Path(text).exists() and ":" not in text:
@@ -377,34 +386,39 @@ def load_model(text: str, model_kwargs: dict, checkpoint: Path | None, out: Outp
         out.note(f"{text} -> {src.name}", style="cyan")
     with out.status(f"building {src.describe()}"):
         torch.manual_seed(0)
-        model = localify.create_model(src)
-        if checkpoint is not None:
-            localify.load_checkpoint(model, checkpoint)
-            weights = f"checkpoint {checkpoint}"
-        elif src.kind == "hf":
-            weights = _load_hf_weights(model, src)
+        if src.kind == "hf" and not pretrained and checkpoint is None:
+            model, weights = _hf_model(src)
         else:
-            weights = "random init (pass --checkpoint FILE for pretrained weights)"
+            model = localify.create_model(src, pretrained=pretrained, checkpoint_path=checkpoint)
+            weights = _weights_text(src, pretrained, checkpoint)
     model.eval()
     return LoadedModel(model, src, text, weights)
 
 
-def _load_hf_weights(model: nn.Module, src: localify.ModelSource) -> str:
-    """The weights stored with a Hugging Face config (local directory or cache), if there are any."""
-    import transformers
+def _hf_model(src: localify.ModelSource) -> tuple[nn.Module, str]:
+    """An ``hf:`` model with the weights stored with its config, or random weights if there are none."""
+    from localify._sources import hf_has_weights
 
-    path = Path(src.name)
-    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        return f"random init ({src.name} holds a config but no weights)"
-    cls = getattr(transformers, src.hf_class or "")
+    if hf_has_weights(src.name) is False:
+        return localify.create_model(src), f"random init ({src.name} holds a config but no weights)"
     try:
-        ref = cls.from_pretrained(src.name, config=model.config, local_files_only=True)
-    except OSError as e:
-        if path.is_dir():
-            raise localify.CheckpointError(f"cannot load the weights in {src.name}: {one_line(e)}") from None
-        return f"random init (no weights for {src.name} in the local cache)"
-    localify.load_checkpoint(model, ref.state_dict())
-    return f"Hugging Face weights from {src.name}"
+        return localify.create_model(src, pretrained=True), f"Hugging Face weights from {src.name}"
+    except localify.CheckpointError:
+        if hf_has_weights(src.name):  # a directory whose weights do not load
+            raise
+        return localify.create_model(src), f"random init (no weights for {src.name} in the local cache)"
+
+
+def _weights_text(src: localify.ModelSource, pretrained: bool, checkpoint: Path | None) -> str:
+    """Where the weights of a built model came from, in words."""
+    parts = []
+    if pretrained:
+        parts.append("Hugging Face weights from " + src.name if src.kind == "hf" else "pretrained weights")
+    if checkpoint is not None:
+        parts.append(f"checkpoint {checkpoint}")
+    if not parts:
+        return "random init (pass --pretrained or --checkpoint FILE for pretrained weights)"
+    return ", then ".join(parts)
 
 
 def is_saved_path(text: str) -> bool:

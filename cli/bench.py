@@ -26,6 +26,7 @@ from ._common import (
     ModelArg,
     ModelKwargsOpt,
     Output,
+    PretrainedOpt,
     QuietOpt,
     SeHiddenOpt,
     SeReductionOpt,
@@ -66,6 +67,7 @@ def bench(
     model: ModelArg,
     model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
     batch: BatchOpt = None,
     threads: ThreadsOpt = None,
     rounds: RoundsOpt = 10,
@@ -87,7 +89,7 @@ def bench(
     """
     out = Output(json_, quiet)
     config = make_config(layers, variant, kernel_size, act, attention, se_hidden, se_reduction, eca_kernel)
-    loaded = load_model(model, kwargs_value(model_kwargs), checkpoint, out)
+    loaded = load_model(model, kwargs_value(model_kwargs), checkpoint, out, pretrained)
     batches = batch or [1]
     with out.status(f"tracing {type(loaded.model).__name__}"):
         plan = localify.find_mlps(loaded.model, layers=config.layers)

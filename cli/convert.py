@@ -32,6 +32,7 @@ from ._common import (
     ModelArg,
     ModelKwargsOpt,
     Output,
+    PretrainedOpt,
     QuietOpt,
     SeHiddenOpt,
     SeReductionOpt,
@@ -55,6 +56,8 @@ EPILOG = """[bold]Examples[/]
   localify convert deit_tiny --layers 1-4 -o deit_local.safetensors
 
   localify convert vit_small_patch16_224 --checkpoint vit_s.pth --layers early -o vit_s_local.pt
+
+  HF_HUB_OFFLINE=1 localify convert deit_small --pretrained -o deit_s_local.pt   [dim](weights from the HF cache)[/]
 
   localify convert hf:./my-vit --variant residual -o my-vit-local/
 
@@ -104,6 +107,7 @@ def convert(
     *,
     model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
     layers: LayersOpt = "all",
     variant: VariantOpt = Variant.dwconv,
     kernel_size: KernelOpt = 3,
@@ -132,7 +136,7 @@ def convert(
     check_output_path(output, force)
 
     t0 = time.perf_counter()
-    loaded = load_model(model, kwargs, checkpoint, out)
+    loaded = load_model(model, kwargs, checkpoint, out, pretrained)
     net = loaded.model
     with out.status(f"tracing {type(net).__name__}"):
         plan = localify.find_mlps(net, layers=config.layers)

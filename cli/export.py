@@ -23,6 +23,7 @@ from ._common import (
     LayersOpt,
     ModelKwargsOpt,
     Output,
+    PretrainedOpt,
     QuietOpt,
     SeHiddenOpt,
     SeReductionOpt,
@@ -73,6 +74,7 @@ def export(
     output: OutOpt,
     model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
     layers: LayersOpt = "all",
     variant: VariantOpt = Variant.dwconv,
     kernel_size: KernelOpt = 3,
@@ -91,18 +93,21 @@ def export(
     first (BatchNorm folded, residual kernels merged); the batch is dynamic, and H/W too when the model accepts
     other sizes. With onnxruntime installed the file is checked against PyTorch before it is kept.
 
-    [bold]MODEL[/]: built (with --checkpoint), converted with the conversion options, exported.
+    [bold]MODEL[/]: built (with --pretrained / --checkpoint), converted with the conversion options, exported.
     [bold]SAVED_FILE[/]: loaded with localify.load (--checkpoint is the base checkpoint of a partial save).
     """
     out = Output(json_, quiet)
     if output.suffix != ".onnx":
         raise typer.BadParameter(f"{output}: the output must end in .onnx", param_hint="-o/--output")
     if is_saved_path(target):
+        if pretrained:
+            raise typer.BadParameter("--pretrained applies to a MODEL source, not to a saved file (it holds its "
+                                     "weights)", param_hint="--pretrained")
         with out.status(f"loading {target}"):
             model = localify.load(target, base_checkpoint=checkpoint)
     else:
         config = make_config(layers, variant, kernel_size, act, attention, se_hidden, se_reduction, eca_kernel)
-        loaded = load_model(target, kwargs_value(model_kwargs), checkpoint, out)
+        loaded = load_model(target, kwargs_value(model_kwargs), checkpoint, out, pretrained)
         model = loaded.model
         with out.status("tracing and converting"):
             localify.localify(model, config=config)

@@ -19,6 +19,7 @@ from ._common import (
     ModelArg,
     ModelKwargsOpt,
     Output,
+    PretrainedOpt,
     QuietOpt,
     kwargs_value,
     layers_value,
@@ -41,6 +42,7 @@ def inspect(
     model: ModelArg,
     model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
     layers: LayersOpt = "all",
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -53,7 +55,7 @@ def inspect(
     """
     out = Output(json_, quiet)
     layers = layers_value(layers)
-    loaded = load_model(model, kwargs_value(model_kwargs), checkpoint, out)
+    loaded = load_model(model, kwargs_value(model_kwargs), checkpoint, out, pretrained)
     with out.status(f"tracing {type(loaded.model).__name__}"):
         plan = localify.find_mlps(loaded.model, layers=layers)
 

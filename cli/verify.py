@@ -31,6 +31,7 @@ from ._common import (
     LayersOpt,
     ModelKwargsOpt,
     Output,
+    PretrainedOpt,
     QuietOpt,
     SeHiddenOpt,
     SeReductionOpt,
@@ -74,7 +75,7 @@ ExportOpt = Annotated[bool, typer.Option(
     help="Also export the converted model with torch.export and compare the exported graph with eager.",
 )]
 CONVERSION_OPTIONS = ("layers", "variant", "kernel_size", "act", "attention", "se_hidden", "se_reduction",
-                      "eca_kernel", "model_kwargs")
+                      "eca_kernel", "model_kwargs", "pretrained")
 
 
 def verify(
@@ -82,6 +83,7 @@ def verify(
     target: TargetArg,
     model_kwargs: ModelKwargsOpt = None,
     checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
     layers: LayersOpt = "all",
     variant: VariantOpt = Variant.dwconv,
     kernel_size: KernelOpt = 3,
@@ -100,8 +102,8 @@ def verify(
     sizes, and equality of the torch.export graph of the converted model with eager. Exit code 1 if a
     check fails.
 
-    [bold]MODEL[/] (a source): the model is built (with --checkpoint), converted with the conversion options
-    and compared with its unconverted copy.
+    [bold]MODEL[/] (a source): the model is built (with --pretrained / --checkpoint), converted with the
+    conversion options and compared with its unconverted copy.
 
     [bold]SAVED_FILE[/]: the model is loaded with localify.load (--checkpoint is the base checkpoint of a
     save with --weights locality/trainable). The original is rebuilt from the recipe and given the saved
@@ -124,7 +126,7 @@ def verify(
         original, converted, variant_name, plan, info = _from_file(target, checkpoint, out)
     else:
         config = make_config(layers, variant, kernel_size, act, attention, se_hidden, se_reduction, eca_kernel)
-        original, converted, plan, info = _from_model(target, kwargs_value(model_kwargs), checkpoint, config, out)
+        original, converted, plan, info = _from_model(target, kwargs_value(model_kwargs), checkpoint, pretrained, config, out)
         variant_name = config.variant
 
     preserving = variant_name in PRESERVING
@@ -157,8 +159,9 @@ def verify(
         raise CheckFailedError(f"verification failed: {failed}")
 
 
-def _from_model(text: str, kwargs: dict, checkpoint, config: localify.LocalifyConfig, out: Output):
-    loaded = load_model(text, kwargs, checkpoint, out)
+def _from_model(text: str, kwargs: dict, checkpoint, pretrained: bool, config: localify.LocalifyConfig,
+                out: Output):
+    loaded = load_model(text, kwargs, checkpoint, out, pretrained)
     with out.status(f"tracing {type(loaded.model).__name__}"):
         plan = localify.find_mlps(loaded.model, layers=config.layers)
     original = copy.deepcopy(loaded.model)

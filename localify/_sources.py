@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ModelSourceError
+from .errors import CheckpointError, ModelSourceError
 
 __all__ = ["ModelSource", "create_model", "resolve_timm_name", "get_source", "set_source"]
 
@@ -119,10 +119,30 @@ def resolve_timm_name(name: str) -> str:
     raise ModelSourceError(f"unknown model {name!r}: not a timm model name, 'hf:PATH' or 'module:factory'{hint}")
 
 
-def create_model(source: str | ModelSource, **kwargs: Any) -> nn.Module:
-    """Build a base model (random weights) from a source string or a :class:`ModelSource`, remembering it."""
+def create_model(source: str | ModelSource, *, pretrained: bool = False,
+                 checkpoint_path: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """Build a base model from a source string or a :class:`ModelSource`, remembering the source.
+
+    Args:
+        source: a timm name (or unique prefix), ``hf:PATH_OR_ID`` or ``module.path:factory``.
+        pretrained: load the model's pretrained weights. timm: ``timm.create_model(..., pretrained=True)``,
+            which reads the Hugging Face cache (set ``HF_HUB_OFFLINE=1`` to never touch the network);
+            ``hf:``: the weights saved in the directory or the local cache (never downloaded); a factory is
+            called with ``pretrained=True``. Weights that cannot be found raise :class:`CheckpointError`.
+        checkpoint_path: a local weights file loaded afterwards (as :func:`localify.load_checkpoint` does),
+            like timm's ``checkpoint_path``.
+        **kwargs: timm / factory keyword arguments, or config overrides for ``hf:``. They are part of the
+            remembered source; ``pretrained`` and ``checkpoint_path`` are not (a saved model stores its
+            weights).
+
+    Without ``pretrained`` or ``checkpoint_path`` the weights are random, as with timm.
+    """
     src = source if isinstance(source, ModelSource) else parse_source(source, kwargs)
-    model = _build(src)
+    model = _build(src, pretrained)
+    if checkpoint_path is not None:
+        from ._io import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path)
     set_source(model, src)
     return model
 
@@ -146,7 +166,7 @@ def _hf_source(path: str, kwargs: dict) -> ModelSource:
     except Exception as e:
         raise ModelSourceError(
             f"cannot read a Hugging Face config for {path!r} from a local directory or the local cache "
-            f"(no download is tried): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"(no download is tried): {_first_line(e)}"
         ) from None
     archs = getattr(cfg, "architectures", None) or []
     cls = next((a for a in archs if hasattr(transformers, a)), None)
@@ -159,14 +179,21 @@ def _hf_source(path: str, kwargs: dict) -> ModelSource:
     return ModelSource("hf", path, {}, hf_class=cls, hf_config=cfg.to_dict())
 
 
-def _build(src: ModelSource) -> nn.Module:
+def _build(src: ModelSource, pretrained: bool = False) -> nn.Module:
     if src.kind == "timm":
         import timm
 
         try:
-            return timm.create_model(src.name, pretrained=False, **src.kwargs)
+            return timm.create_model(src.name, pretrained=pretrained, **src.kwargs)
         except TypeError as e:
             raise ModelSourceError(f"timm could not build {src.name} with {src.kwargs}: {e}") from None
+        except Exception as e:  # the hub client, a corrupt file: anything that kept the weights from loading
+            if not pretrained:
+                raise
+            raise CheckpointError(
+                f"timm found no pretrained weights for {src.name}: {_first_line(e)}; with no network, put them "
+                f"in the Hugging Face cache and set HF_HUB_OFFLINE=1, or pass a local file as checkpoint_path"
+            ) from None
     if src.kind == "hf":
         import transformers
 
@@ -177,10 +204,37 @@ def _build(src: ModelSource) -> nn.Module:
         cfg = cfg_cls.from_dict(dict(src.hf_config or {})) if cfg_cls is not None else None
         if cfg is None:
             raise ModelSourceError(f"cannot rebuild the config of {src.hf_class}")
+        if pretrained:
+            return _hf_pretrained(cls, cfg, src.name)
         return cls(cfg)
     if src.kind == "factory":
-        return _call_factory(src.name, src.kwargs)
+        return _call_factory(src.name, {**src.kwargs, "pretrained": True} if pretrained else src.kwargs)
     raise ModelSourceError(f"unknown model source kind {src.kind!r}")
+
+
+def hf_has_weights(name: str) -> bool | None:
+    """Whether a Hugging Face directory holds weight files; None for a hub id (only loading tells)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def _hf_pretrained(cls: type, cfg: Any, name: str) -> nn.Module:
+    """``cls.from_pretrained`` from a local directory or the local cache only; the config is the source's."""
+    if hf_has_weights(name) is False:
+        raise CheckpointError(f"{name} holds a config but no weights (*.safetensors or *.bin)")
+    try:
+        return cls.from_pretrained(name, config=cfg, local_files_only=True)
+    except Exception as e:  # missing files, a corrupt file, weights that do not fit
+        where = name if Path(name).expanduser().is_dir() else f"the local cache for {name!r}"
+        raise CheckpointError(f"cannot load the weights in {where} (no download is tried): {_first_line(e)}"
+                              ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _call_factory(spec: str, kwargs: dict) -> nn.Module:
@@ -198,7 +252,13 @@ def _call_factory(spec: str, kwargs: dict) -> nn.Module:
         fn = getattr(fn, part, None)
         if fn is None:
             raise ModelSourceError(f"module {mod_name!r} has no {attr!r}")
-    model = fn(**kwargs)
+    try:
+        model = fn(**kwargs)
+    except TypeError as e:
+        if "pretrained" in kwargs and "pretrained" in str(e):
+            raise ModelSourceError(f"factory {spec!r} takes no 'pretrained' argument; load its weights with "
+                                   f"checkpoint_path= instead") from None
+        raise
     if not isinstance(model, nn.Module):
         raise ModelSourceError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model

@@ -247,6 +247,36 @@ def test_convert_hf_directory_round_trip(run, tmp_path, hf_dir) -> None:
     torch.testing.assert_close(_outputs(loaded, x, hf=True), _outputs(pretrained, x, hf=True))
 
 
+def test_convert_pretrained_timm_from_the_offline_cache(run, tmp_path, offline_hf_cache, timm_ckpt) -> None:
+    """--pretrained: timm's weights from the Hugging Face cache (offline); --checkpoint goes on top."""
+    torch.manual_seed(5)
+    released = localify.create_model(TIMM, **TIMM_KWARGS).eval()
+    offline_hf_cache("timm/deit_tiny_patch16_224.fb_in1k", released.state_dict())
+    data = _json(run("convert", "deit_tiny", *TK, "--pretrained", "-o", tmp_path / "a.pt", "--json"))
+    assert data["weights"] == "pretrained weights" and data["check"]["ok"] is True
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(_outputs(localify.load(tmp_path / "a.pt"), x), _outputs(_converted(released), x))
+    ckpt, base = timm_ckpt
+    data = _json(run("convert", TIMM, *TK, "--pretrained", "-c", ckpt, "-o", tmp_path / "b.pt", "--json"))
+    assert data["weights"] == f"pretrained weights, then checkpoint {ckpt}"
+    assert torch.equal(_outputs(localify.load(tmp_path / "b.pt"), x), _outputs(_converted(base), x))
+
+
+def test_pretrained_errors(run, tmp_path, offline_hf_cache, hf_dir, saved_timm) -> None:
+    """Weights asked for but not found are an error (nothing written); an hf: directory without weights is
+    random init without --pretrained, an error with it."""
+    _error(run("convert", TIMM, *TK, "--pretrained", "-o", tmp_path / "m.pt"), 1,
+           "timm found no pretrained weights for deit_tiny_patch16_224", "HF_HUB_OFFLINE=1")
+    assert not (tmp_path / "m.pt").exists()
+    (hf_dir / "model.safetensors").unlink()
+    data = _json(run("convert", f"hf:{hf_dir}", "-o", tmp_path / "r.pt", "--json"))
+    assert data["weights"] == f"random init ({hf_dir} holds a config but no weights)"
+    _error(run("inspect", f"hf:{hf_dir}", "--pretrained"), 1, "holds a config but no weights")
+    _error(run("verify", saved_timm, "--pretrained"), 2, "--pretrained", "not to a saved file")
+    _error(run("export", saved_timm, "--pretrained", "-o", tmp_path / "m.onnx"), 2, "--pretrained",
+           "not to a saved file")
+
+
 def test_convert_factory_round_trip(run, tmp_path, user_module) -> None:
     import importlib
 

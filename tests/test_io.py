@@ -190,6 +190,113 @@ def test_checkpoints(tmp_path) -> None:
         localify.load_checkpoint(fresh, tmp_path / "corrupt.pth")
 
 
+# ------------------------------------------------------------- create_model(pretrained=, checkpoint_path=)
+TIMM_REPO = "timm/deit_tiny_patch16_224.fb_in1k"  # where timm looks for deit_tiny's weights
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module | dict) -> bool:
+    sb = b if isinstance(b, dict) else b.state_dict()
+    sa = a.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_create_model_pretrained_timm_from_the_offline_cache(offline_hf_cache, tmp_path) -> None:
+    """pretrained=True reads timm's weights from the Hugging Face cache, offline, with timm's own rules (a
+    different num_classes gets a new head); the remembered source is the architecture only, so a saved model
+    rebuilds and loads its own weights."""
+    arch = {k: v for k, v in TINY.items() if k != "num_classes"}  # the "released" weights: 1000 classes
+    torch.manual_seed(1)
+    weights = localify.create_model("deit_tiny", **arch).state_dict()
+    offline_hf_cache(TIMM_REPO, weights)
+    torch.manual_seed(0)
+    model = localify.create_model("deit_tiny", pretrained=True, **arch)
+    assert _same_weights(model, weights)
+    assert not _same_weights(localify.create_model("deit_tiny", **arch), weights)  # random without it
+    src = localify._sources.get_source(model)
+    assert (src.kind, src.name, src.kwargs) == ("timm", "deit_tiny_patch16_224", arch)
+    localify.localify(model.eval(), layers="1")
+    localify.save(model, tmp_path / "m.safetensors")
+    assert _same_weights(localify.load(tmp_path / "m.safetensors"), model)
+
+    ten = localify.create_model("deit_tiny", pretrained=True, **TINY)  # fine-tuning set-up: 10 classes
+    body = {k: v for k, v in weights.items() if not k.startswith("head.")}
+    assert _same_weights(ten, {**body, "head.weight": ten.head.weight, "head.bias": ten.head.bias})
+    assert ten.head.out_features == 10
+
+
+def test_create_model_pretrained_timm_not_in_the_cache(offline_hf_cache) -> None:
+    with pytest.raises(CheckpointError, match=r"timm found no pretrained weights for deit_tiny_patch16_224: .*"
+                                              r"HF_HUB_OFFLINE=1, or pass a local file as checkpoint_path"):
+        localify.create_model("deit_tiny", pretrained=True, **TINY)
+
+
+def test_create_model_checkpoint_path(tmp_path) -> None:
+    """checkpoint_path= as in timm: a local file loaded after building (and after pretrained weights)."""
+    torch.manual_seed(1)
+    weights = localify.create_model("deit_tiny", **TINY).state_dict()
+    save_file(weights, tmp_path / "w.safetensors")
+    assert _same_weights(localify.create_model("deit_tiny", checkpoint_path=tmp_path / "w.safetensors", **TINY),
+                         weights)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        localify.create_model("deit_tiny", checkpoint_path=tmp_path / "nope.pth", **TINY)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        localify.create_model("deit_tiny", checkpoint_path=tmp_path / "w.safetensors", depth=3)
+
+
+def test_create_model_pretrained_hugging_face(tmp_path, offline_hf_cache) -> None:
+    """hf: with pretrained=True loads the weights saved with the config (a directory or the offline
+    cache); without it the weights are random; a config without weights is an error, not random init."""
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    ref = ViTModel(cfg).eval()
+    ref.save_pretrained(tmp_path / "vit")
+    model = localify.create_model(f"hf:{tmp_path / 'vit'}", pretrained=True)
+    assert type(model) is ViTModel and _same_weights(model, ref)
+    assert not _same_weights(localify.create_model(f"hf:{tmp_path / 'vit'}"), ref)
+
+    offline_hf_cache("someone/tiny-vit", ref.state_dict())  # the weights in the cache, then its config
+    snapshot = next((tmp_path / "hf-cache").glob("models--someone--tiny-vit/snapshots/*"))
+    cfg.save_pretrained(snapshot)
+    assert _same_weights(localify.create_model("hf:someone/tiny-vit", pretrained=True), ref)
+
+    cfg.save_pretrained(tmp_path / "config-only")
+    with pytest.raises(CheckpointError, match="config-only holds a config but no weights"):
+        localify.create_model(f"hf:{tmp_path / 'config-only'}", pretrained=True)
+    (tmp_path / "vit" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"cannot load the weights in .*vit \(no download is tried\)"):
+        localify.create_model(f"hf:{tmp_path / 'vit'}", pretrained=True)
+
+
+FACTORY = """
+import timm
+
+
+def vit(pretrained=False, **kw):
+    model = timm.create_model("deit_tiny_patch16_224", **kw)
+    model.got_pretrained = pretrained
+    return model
+
+
+def plain(depth=12, embed_dim=192, num_heads=3, num_classes=1000):
+    return timm.create_model("deit_tiny_patch16_224", depth=depth, embed_dim=embed_dim, num_heads=num_heads,
+                             num_classes=num_classes)
+"""
+
+
+def test_create_model_pretrained_factory(tmp_path, monkeypatch) -> None:
+    """A factory is called with pretrained=True (not remembered); one that takes no such argument says so."""
+    (tmp_path / "my_factories.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = localify.create_model("my_factories:vit", pretrained=True, **TINY)
+    assert model.got_pretrained is True
+    assert localify._sources.get_source(model).kwargs == TINY
+    with pytest.raises(localify.ModelSourceError, match="'my_factories:plain' takes no 'pretrained' argument"):
+        localify.create_model("my_factories:plain", pretrained=True, **TINY)
+
+
 def test_hugging_face_checkpoint_file(tmp_path) -> None:
     """A checkpoint written by save_pretrained (4.x-style key names in transformers 5) loads by file."""
     from transformers import ViTConfig, ViTModel
