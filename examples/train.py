@@ -7,15 +7,18 @@
     python examples/train.py deit_tiny_patch16_224 --checkpoint deit_tiny.pth --data DATA --epochs 10 \\
         --layers early --variant localvit --locality-only --head -o runs/deit_local
 
+    # timm's released weights, read from the Hugging Face cache without touching the network
+    HF_HUB_OFFLINE=1 python examples/train.py deit_small_patch16_224 --pretrained --data DATA --epochs 10
+
     # a Hugging Face model from a local directory, on 4 GPUs (DDP, DistributedSampler, SyncBatchNorm)
-    torchrun --nproc_per_node=4 examples/train.py hf:path/to/vit --data DATA --epochs 30 --batch-size 64
+    torchrun --nproc_per_node=4 examples/train.py hf:path/to/vit --pretrained --data DATA --epochs 30 --batch-size 64
 
 The model is built with ``localify.create_model`` (a timm name, ``hf:PATH`` or ``module:factory``; random
-weights unless ``--checkpoint`` gives local pretrained ones, whose classifier is dropped when the number of
-classes differs), converted with ``localify.localify`` and trained with AdamW, a linear warmup and a cosine
-schedule, mixed precision on CUDA, and DDP when started by torchrun (``WORLD_SIZE`` > 1). Checkpoints are
-written with ``localify.save`` (``last.safetensors``, reloaded by ``localify.load``); ``--export-onnx`` writes
-a fused ONNX file at the end.
+weights unless ``--pretrained`` loads the released ones or ``--checkpoint`` gives local ones; a classifier of
+another number of classes is left at its initialisation), converted with ``localify.localify`` and trained
+with AdamW, a linear warmup and a cosine schedule, mixed precision on CUDA, and DDP when started by torchrun
+(``WORLD_SIZE`` > 1). Checkpoints are written with ``localify.save`` (``last.safetensors``, reloaded by
+``localify.load``); ``--export-onnx`` writes a fused ONNX file at the end.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="timm model name, hf:PATH (local) or module:factory")
     ap.add_argument("--model-kwargs", default="", help="extra model arguments: 'img_size=160,drop_path_rate=0.1'")
+    ap.add_argument("--pretrained", action="store_true",
+                    help="the model's released weights (timm: from the Hugging Face cache; hf: its directory)")
     ap.add_argument("--checkpoint", type=Path, help="pretrained weights of the base model (.safetensors, .pth)")
     ap.add_argument("--layers", default="all", help="blocks to convert: 'all', 'early', 'late', '1-4', ...")
     ap.add_argument("--variant", default="dwconv", choices=["dwconv", "residual", "localvit"])
@@ -193,7 +198,7 @@ def build_model(args: argparse.Namespace, num_classes: int, log) -> nn.Module:
     kwargs = parse_kwargs(args.model_kwargs)
     kwargs["num_labels" if args.model.startswith("hf:") else "num_classes"] = num_classes
     torch.manual_seed(args.seed)
-    model = localify.create_model(args.model, **kwargs)
+    model = localify.create_model(args.model, pretrained=args.pretrained, **kwargs)
     if args.checkpoint:
         load_base_weights(model, args.checkpoint, log)
     model.eval()  # conversion traces in eval mode; the new blocks keep the mode of what they replace

@@ -221,15 +221,27 @@ def hf_has_weights(name: str) -> bool | None:
 
 
 def _hf_pretrained(cls: type, cfg: Any, name: str) -> nn.Module:
-    """``cls.from_pretrained`` from a local directory or the local cache only; the config is the source's."""
+    """``cls.from_pretrained`` from a local directory or the local cache only; the config is the source's.
+
+    As with timm's ``num_classes``, a task head of another size (``num_labels`` overridden) is re-initialised;
+    a backbone weight of another shape is an error."""
     if hf_has_weights(name) is False:
         raise CheckpointError(f"{name} holds a config but no weights (*.safetensors or *.bin)")
+    where = name if Path(name).expanduser().is_dir() else f"the local cache for {name!r}"
     try:
-        return cls.from_pretrained(name, config=cfg, local_files_only=True)
-    except Exception as e:  # missing files, a corrupt file, weights that do not fit
-        where = name if Path(name).expanduser().is_dir() else f"the local cache for {name!r}"
+        model, info = cls.from_pretrained(name, config=cfg, local_files_only=True, ignore_mismatched_sizes=True,
+                                          output_loading_info=True)
+    except Exception as e:  # missing files, a corrupt file
         raise CheckpointError(f"cannot load the weights in {where} (no download is tried): {_first_line(e)}"
                               ) from None
+    prefix = getattr(model, "base_model_prefix", "")
+    has_head = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
+    bad = sorted(k for k, *_ in info.get("mismatched_keys", ()) if not has_head or k.startswith(prefix + "."))
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise CheckpointError(f"the weights in {where} do not fit the model built from its config: {len(bad)} "
+                              f"backbone tensor(s) have other shapes ({shown}); check the config overrides")
+    return model
 
 
 def _first_line(e: BaseException) -> str:

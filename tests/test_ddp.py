@@ -129,6 +129,25 @@ def test_train_script_dry_run(tmp_path):
         assert torch.isfinite(F.softmax(model(x), -1)).all()
 
 
+def test_train_script_pretrained(tmp_path, offline_hf_cache):
+    """--pretrained: timm's released weights from the (offline) cache, the head re-made for the new classes;
+    with --locality-only the backbone stays what was released."""
+    arch = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)
+    torch.manual_seed(4)
+    released = localify.create_model("vit_small_patch16_224", **arch).state_dict()
+    offline_hf_cache("timm/vit_small_patch16_224.augreg_in21k_ft_in1k", released)
+    summary = _train_script().main([
+        "vit_small_patch16_224", "--model-kwargs", "embed_dim=32,depth=2,num_heads=2,img_size=32", "--pretrained",
+        "--dry-run", "--steps", "1", "--batch-size", "4", "--locality-only", "--head", "--output",
+        str(tmp_path / "run"), "--workers", "0", "--no-progress",
+    ])
+    model = localify.load(tmp_path / "run" / "last.safetensors")
+    assert model.head.out_features == summary["num_classes"] != 1000
+    for name in ("patch_embed.proj.weight", "pos_embed", "blocks.1.attn.qkv.weight"):
+        assert torch.equal(model.get_parameter(name), released[name]), name
+    assert torch.equal(model.blocks[0].mlp.fc1.linear.weight, released["blocks.0.mlp.fc1.weight"])
+
+
 @pytest.mark.slow
 def test_train_script_torchrun_imagefolder(tmp_path):
     """The script under torchrun (DDP, DistributedSampler, SyncBatchNorm) on a small ImageFolder dataset."""

@@ -270,6 +270,26 @@ def test_create_model_pretrained_hugging_face(tmp_path, offline_hf_cache) -> Non
         localify.create_model(f"hf:{tmp_path / 'vit'}", pretrained=True)
 
 
+def test_create_model_pretrained_hugging_face_new_head(tmp_path) -> None:
+    """num_labels overridden: the classifier is re-initialised (timm's rule for num_classes), the backbone
+    loaded; a backbone that does not fit (another hidden size) is an error, not a silent re-init."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    image_size=32, patch_size=8, num_labels=5)
+    torch.manual_seed(0)
+    ref = ViTForImageClassification(cfg)
+    ref.save_pretrained(tmp_path / "vit")
+    model = localify.create_model(f"hf:{tmp_path / 'vit'}", pretrained=True, num_labels=3)
+    assert model.classifier.out_features == 3
+    backbone = {k: v for k, v in ref.state_dict().items() if k.startswith("vit.")}
+    assert _same_weights(model, {**backbone, "classifier.weight": model.classifier.weight,
+                                 "classifier.bias": model.classifier.bias})
+    with pytest.raises(CheckpointError, match=r"do not fit the model built from its config: \d+ backbone "
+                                              r"tensor\(s\) have other shapes \(vit\."):
+        localify.create_model(f"hf:{tmp_path / 'vit'}", pretrained=True, intermediate_size=48)
+
+
 FACTORY = """
 import timm
 
