@@ -3,9 +3,15 @@
     python benchmarks/bench_overhead.py                      # deit_tiny, default variant, batch 1 and 16
     python benchmarks/bench_overhead.py --model deit_small_patch16_224 --batches 1 8 --threads 2
     python benchmarks/bench_overhead.py --kw class_token=False --kw global_pool="'avg'"   # no extra tokens
+    python benchmarks/bench_overhead.py --floor              # + the cost of the conv calls alone
 
 Each round times the original and the converted model back to back (inference mode, 224x224, random
 weights), so machine noise hits both; the table shows medians over rounds and their ratio.
+
+--floor times a third model in the same rounds: the original plus, in every converted MLP, one depth-wise conv
+over the hidden grid right after fc1 whose result is thrown away (a contiguous grid of the same size, so no
+layout work, no copy, no concatenation). Any LocalViT conversion runs at least that conv, so its ratio is a
+lower bound for what a conversion can reach with PyTorch's CPU convolution on this machine.
 """
 
 from __future__ import annotations
@@ -20,15 +26,37 @@ import warnings
 
 import timm
 import torch
+import torch.nn.functional as F
 
 import localify
+from localify.layers import LocalityLinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import per_call, stable_allocator  # noqa: E402
 
 
+class ConvCallOnly(LocalityLinear):
+    """fc1, then the depth-wise conv over a contiguous grid of the hidden tensor's size, result unused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        hgt, wid = self.grid_source.get()
+        c = h.shape[-1]
+        g = h.reshape(-1, c)[: h.shape[0] * hgt * wid].view(h.shape[0], hgt, wid, c).permute(0, 3, 1, 2)
+        F.conv2d(g, self.dwconv.weight, None, 1, self.dwconv.padding, 1, self.dwconv.groups)
+        return h
+
+
+def conv_call_floor(converted: torch.nn.Module) -> torch.nn.Module:
+    floor = copy.deepcopy(converted)
+    for m in floor.modules():
+        if type(m) is LocalityLinear and m.layout == "BNC":
+            m.__class__ = ConvCallOnly
+    return floor
+
+
 def bench(model_name: str, batches: list[int], threads: int, rounds: int, variant: str, layers: str,
-          model_kwargs: dict | None = None) -> list[dict]:
+          model_kwargs: dict | None = None, floor: bool = False) -> list[dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
@@ -36,21 +64,25 @@ def bench(model_name: str, batches: list[int], threads: int, rounds: int, varian
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         localify.localify(conv, layers=layers, variant=variant)
+    models = [base, conv] + ([conv_call_floor(conv)] if floor else [])
     rows = []
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, 3, 224, 224)
             iters = max(2, 16 // b)
-            for m in (base, conv):  # warm-up
+            for m in models:  # warm-up
                 per_call(m, x, 2)
-            tb, tc = [], []
+            times = [[] for _ in models]
             for _ in range(rounds):
-                tb.append(per_call(base, x, iters))
-                tc.append(per_call(conv, x, iters))
+                for m, t in zip(models, times):
+                    t.append(per_call(m, x, iters))
+            tb, tc = times[0], times[1]
             mb, mc = statistics.median(tb), statistics.median(tc)
             rows.append({"batch": b, "original_ms": mb * 1e3, "converted_ms": mc * 1e3, "ratio": mc / mb,
                          "ratio_of_min": min(tc) / min(tb),
                          "ratio_paired": statistics.median(c / o for c, o in zip(tc, tb))})
+            if floor:
+                rows[-1]["floor"] = statistics.median(times[2]) / mb
     return rows
 
 
@@ -63,19 +95,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--variant", default="dwconv")
     ap.add_argument("--layers", default="all")
+    ap.add_argument("--floor", action="store_true", help="also time the conv calls alone (a lower bound)")
     ap.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE",
                     help="timm.create_model keyword (VALUE is a Python literal), e.g. class_token=False")
     args = ap.parse_args()
     kwargs = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.kw)}
-    rows = bench(args.model, args.batches, args.threads, args.rounds, args.variant, args.layers, kwargs)
+    rows = bench(args.model, args.batches, args.threads, args.rounds, args.variant, args.layers, kwargs,
+                 args.floor)
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     print(f"{args.model}{extra}, variant={args.variant}, layers={args.layers}, {args.threads} threads, 224x224, "
           f"inference, medians of {args.rounds} interleaved rounds")
-    print(f"{'batch':>5} {'original ms':>12} {'converted ms':>13} {'ratio':>7} {'min/min':>8} {'paired':>7}")
+    print(f"{'batch':>5} {'original ms':>12} {'converted ms':>13} {'ratio':>7} {'min/min':>8} {'paired':>7}"
+          + (f" {'floor':>7}" if args.floor else ""))
     for r in rows:
         print(f"{r['batch']:>5} {r['original_ms']:>12.2f} {r['converted_ms']:>13.2f} {r['ratio']:>7.3f} "
-              f"{r['ratio_of_min']:>8.3f} {r['ratio_paired']:>7.3f}")
-    print("ratio: of the medians; min/min: of the fastest rounds; paired: median of per-round ratios")
+              f"{r['ratio_of_min']:>8.3f} {r['ratio_paired']:>7.3f}" + (f" {r['floor']:>7.3f}" if args.floor else ""))
+    print("ratio: of the medians; min/min: of the fastest rounds; paired: median of per-round ratios"
+          + ("; floor: the conv calls alone, ratio of the medians" if args.floor else ""))
 
 
 if __name__ == "__main__":
