@@ -190,10 +190,10 @@ def _build(src: ModelSource, pretrained: bool = False) -> nn.Module:
         except Exception as e:  # the hub client, a corrupt file: anything that kept the weights from loading
             if not pretrained:
                 raise
-            raise CheckpointError(
-                f"timm found no pretrained weights for {src.name}: {_first_line(e)}; with no network, put them "
-                f"in the Hugging Face cache and set HF_HUB_OFFLINE=1, or pass a local file as checkpoint_path"
-            ) from None
+            hint = ("; with no network, put them in the Hugging Face cache and set HF_HUB_OFFLINE=1, or pass a "
+                    "local file as checkpoint_path") if isinstance(e, OSError) else ""
+            raise CheckpointError(f"timm could not load pretrained weights for {src.name}: {_first_line(e)}{hint}"
+                                  ) from None
     if src.kind == "hf":
         import transformers
 

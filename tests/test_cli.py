@@ -266,7 +266,7 @@ def test_pretrained_errors(run, tmp_path, offline_hf_cache, hf_dir, saved_timm) 
     """Weights asked for but not found are an error (nothing written); an hf: directory without weights is
     random init without --pretrained, an error with it."""
     _error(run("convert", TIMM, *TK, "--pretrained", "-o", tmp_path / "m.pt"), 1,
-           "timm found no pretrained weights for deit_tiny_patch16_224", "HF_HUB_OFFLINE=1")
+           "timm could not load pretrained weights for deit_tiny_patch16_224", "HF_HUB_OFFLINE=1")
     assert not (tmp_path / "m.pt").exists()
     (hf_dir / "model.safetensors").unlink()
     data = _json(run("convert", f"hf:{hf_dir}", "-o", tmp_path / "r.pt", "--json"))

@@ -225,9 +225,11 @@ def test_create_model_pretrained_timm_from_the_offline_cache(offline_hf_cache, t
 
 
 def test_create_model_pretrained_timm_not_in_the_cache(offline_hf_cache) -> None:
-    with pytest.raises(CheckpointError, match=r"timm found no pretrained weights for deit_tiny_patch16_224: .*"
+    with pytest.raises(CheckpointError, match=r"timm could not load pretrained weights for deit_tiny_patch16_224: .*"
                                               r"HF_HUB_OFFLINE=1, or pass a local file as checkpoint_path"):
         localify.create_model("deit_tiny", pretrained=True, **TINY)
+    with pytest.raises(CheckpointError, match=r"for vit_base_patch16_18x2_224: No pretrained weights exist[^;]*$"):
+        localify.create_model("vit_base_patch16_18x2_224", pretrained=True, depth=1, embed_dim=32, num_heads=2)
 
 
 def test_create_model_checkpoint_path(tmp_path) -> None:
