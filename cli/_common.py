@@ -399,12 +399,13 @@ def _hf_model(src: localify.ModelSource) -> tuple[nn.Module, str]:
     """An ``hf:`` model with the weights stored with its config, or random weights if there are none."""
     from localify._sources import hf_has_weights
 
-    if hf_has_weights(src.name) is False:
+    has_weights = hf_has_weights(src.name)  # None for a hub id: only loading tells
+    if has_weights is False:
         return localify.create_model(src), f"random init ({src.name} holds a config but no weights)"
     try:
         return localify.create_model(src, pretrained=True), f"Hugging Face weights from {src.name}"
     except localify.CheckpointError:
-        if hf_has_weights(src.name):  # a directory whose weights do not load
+        if has_weights:  # a directory whose weights do not load
             raise
         return localify.create_model(src), f"random init (no weights for {src.name} in the local cache)"
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._convert import get_state
 from ._trace import ExampleInputs, accepts_kwarg, eval_mode, make_example_inputs
-from .errors import LocalifyError
+from .errors import LocalifyError, first_line
 
 __all__ = ["export_onnx", "OnnxExport", "ExportError", "dynamic_shapes_for"]
 
@@ -171,11 +171,6 @@ def _output_tensors(out: Any) -> tuple[list[str] | None, list[torch.Tensor]]:
     return None, leaves
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:500] if text else type(e).__name__
-
-
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -286,7 +281,7 @@ def export_onnx(
         try:
             ref = example_call(target, example)
         except Exception as e:
-            raise ExportError(f"{type(model).__name__} fails on the example inputs: {_first_line(e)}") from e
+            raise ExportError(f"{type(model).__name__} fails on the example inputs: {first_line(e, 500)}") from e
         out_names, _ = _output_tensors(ref)
         in_names = _tensor_names(example, target)
         batch = dynamic is not False and example.image is not None
@@ -305,15 +300,15 @@ def export_onnx(
                 prog = run_export(patch)
         except Exception as e:
             if patch is None:
-                raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {_first_line(e)}") from e
-            notes.append(f"export with dynamic H/W failed ({_first_line(e)}); exported with a dynamic batch only")
+                raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {first_line(e, 500)}") from e
+            notes.append(f"export with dynamic H/W failed ({first_line(e, 500)}); exported with a dynamic batch only")
             patch = None
             try:
                 with _quiet():
                     prog = run_export(None)
             except Exception as e2:
                 raise ExportError(
-                    f"torch.onnx.export failed for {type(model).__name__}: {_first_line(e2)}") from e2
+                    f"torch.onnx.export failed for {type(model).__name__}: {first_line(e2, 500)}") from e2
 
         result = OnnxExport(path, in_names, out_names or [], batch, patch is not None, patch, fused, notes=notes)
         check = (lambda f: _verify(target, example, f, result, atol, rtol)) if verify else None
@@ -344,7 +339,7 @@ def _probe_size(model: nn.Module, example: ExampleInputs, size: tuple[int, int])
     try:
         example_call(model, example.resized(size))
     except Exception as e:
-        return f"the model refuses a {size[0]}x{size[1]} input ({_first_line(e)}): H/W stay static"
+        return f"the model refuses a {size[0]}x{size[1]} input ({first_line(e, 500)}): H/W stay static"
     return None
 
 
@@ -355,7 +350,7 @@ def _atomic_save(prog: Any, path: Path, check: Any = None) -> None:
         try:
             prog.save(tmp / path.name)  # external data (above 2 GB) is named after the file: keep the name
         except Exception as e:
-            raise ExportError(f"cannot write {path}: {_first_line(e)}") from e
+            raise ExportError(f"cannot write {path}: {first_line(e, 500)}") from e
         if check is not None:
             check(tmp / path.name)
         files = sorted(tmp.iterdir(), key=lambda f: f.name == path.name)  # the .onnx last
@@ -375,7 +370,7 @@ def _verify(model: nn.Module, example: ExampleInputs, file: Path, result: OnnxEx
     try:
         sess = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot load {path}: {_first_line(e)}") from e
+        raise ExportError(f"onnxruntime cannot load {path}: {first_line(e, 500)}") from e
     examples = [example]
     img = example.image
     if result.dynamic_batch and img is not None:
@@ -404,7 +399,7 @@ def _verify(model: nn.Module, example: ExampleInputs, file: Path, result: OnnxEx
             got = sess.run(None, feeds)
         except Exception as e:
             raise ExportError(f"onnxruntime failed on {path} with inputs "
-                              f"{[tuple(t.shape) for t in tensors]}: {_first_line(e)}") from e
+                              f"{[tuple(t.shape) for t in tensors]}: {first_line(e, 500)}") from e
         for g, w in zip(got, want):
             w = w.detach().float().cpu().numpy()
             if g.shape != w.shape:

@@ -24,7 +24,7 @@ from torch import nn
 from ._convert import LocalifyConfig, LocalifyState, SiteRecord, _set_submodule, build_site, fuse, get_state
 from ._grid import GridSource, GridSpec
 from ._sources import ModelSource, create_model, get_source, set_source
-from .errors import CheckpointError, SavedModelError
+from .errors import CheckpointError, SavedModelError, first_line
 
 __all__ = ["save", "load", "load_checkpoint", "read_recipe", "FORMAT_VERSION"]
 
@@ -408,8 +408,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path} with weights_only=True: {reason}") from None
+        raise CheckpointError(f"cannot load checkpoint {path} with weights_only=True: {first_line(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import CheckpointError, ModelSourceError
+from .errors import CheckpointError, ModelSourceError, first_line
 
 __all__ = ["ModelSource", "create_model", "resolve_timm_name", "get_source", "set_source"]
 
@@ -166,7 +166,7 @@ def _hf_source(path: str, kwargs: dict) -> ModelSource:
     except Exception as e:
         raise ModelSourceError(
             f"cannot read a Hugging Face config for {path!r} from a local directory or the local cache "
-            f"(no download is tried): {_first_line(e)}"
+            f"(no download is tried): {first_line(e)}"
         ) from None
     archs = getattr(cfg, "architectures", None) or []
     cls = next((a for a in archs if hasattr(transformers, a)), None)
@@ -192,7 +192,7 @@ def _build(src: ModelSource, pretrained: bool = False) -> nn.Module:
                 raise
             hint = ("; with no network, put them in the Hugging Face cache and set HF_HUB_OFFLINE=1, or pass a "
                     "local file as checkpoint_path") if isinstance(e, OSError) else ""
-            raise CheckpointError(f"timm could not load pretrained weights for {src.name}: {_first_line(e)}{hint}"
+            raise CheckpointError(f"timm could not load pretrained weights for {src.name}: {first_line(e)}{hint}"
                                   ) from None
     if src.kind == "hf":
         import transformers
@@ -232,7 +232,7 @@ def _hf_pretrained(cls: type, cfg: Any, name: str) -> nn.Module:
         model, info = cls.from_pretrained(name, config=cfg, local_files_only=True, ignore_mismatched_sizes=True,
                                           output_loading_info=True)
     except Exception as e:  # missing files, a corrupt file
-        raise CheckpointError(f"cannot load the weights in {where} (no download is tried): {_first_line(e)}"
+        raise CheckpointError(f"cannot load the weights in {where} (no download is tried): {first_line(e)}"
                               ) from None
     prefix = getattr(model, "base_model_prefix", "")
     has_head = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
@@ -242,11 +242,6 @@ def _hf_pretrained(cls: type, cfg: Any, name: str) -> nn.Module:
         raise CheckpointError(f"the weights in {where} do not fit the model built from its config: {len(bad)} "
                               f"backbone tensor(s) have other shapes ({shown}); check the config overrides")
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _call_factory(spec: str, kwargs: dict) -> nn.Module:

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .errors import ExampleInputError, TraceError
+from .errors import ExampleInputError, TraceError, first_line
 
 __all__ = ["ExampleInputs", "Trace", "make_example_inputs", "trace_model", "record_calls"]
 
@@ -240,10 +240,9 @@ def trace_model(model: nn.Module, example: ExampleInputs) -> Trace:
             warnings.simplefilter("ignore")
             program = torch.export.export(model, example.args, example.kwargs, strict=False)
     except Exception as e:  # the tracer's own reason is the useful part
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(
             f"torch.export could not trace {type(model).__name__} with the example inputs "
-            f"({_describe(example)}): {type(e).__name__}: {reason}. Pass example_inputs= matching the "
+            f"({_describe(example)}): {type(e).__name__}: {first_line(e)}. Pass example_inputs= matching the "
             f"model's forward (a tensor, a tuple, or a dict such as {{'pixel_values': x}})."
         ) from e
     sig = program.graph_signature

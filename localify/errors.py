@@ -23,6 +23,12 @@ __all__ = [
 ]
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class LocalifyError(Exception):
     """Base class of every error localify raises on purpose."""
 

@@ -419,16 +419,25 @@ def _version_key(mods: tuple[nn.Module | None, ...]) -> tuple | None:
     return tuple(key)
 
 
+def _bn_affine(bn: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as ``x * scale + shift`` per channel, computed in ``dtype`` (default: its own)."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t if dtype is None else t.to(dtype)
+
+    scale = torch.rsqrt(cast(bn.running_var) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * cast(bn.weight)
+    shift = -cast(bn.running_mean) * scale
+    if bn.bias is not None:
+        shift = shift + cast(bn.bias)
+    return scale, shift
+
+
 def _fold_eval(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module | None):
-    """``bn(conv_or_linear(x))`` in eval mode as one layer: the folded weight and bias."""
+    """``bn(conv_or_linear(x))`` in eval mode as one layer: the folded weight and bias (differentiable)."""
     if bn is None:
         return w, b
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+    scale, shift = _bn_affine(bn)
     if b is not None:
         shift = shift + b * scale
     return w * scale.view(-1, *([1] * (w.dim() - 1))), shift
@@ -459,15 +468,7 @@ def _bn_scale_shift(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
         raise FuseError(
             "localify: cannot fuse a BatchNorm without running statistics (track_running_stats=False)"
         )
-    var = bn.running_var.double()
-    mean = bn.running_mean.double()
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return scale, shift
+    return _bn_affine(bn, torch.float64)
 
 
 @torch.no_grad()

@@ -107,12 +107,14 @@ class LocalityLinear(nn.Module):
         y = self.dwconv(g)
         return g + y if self.residual else y
 
-    def _conv_padded(self, g: torch.Tensor) -> torch.Tensor | None:
-        """The conv of a (B, C, H, W) grid with one extra output row above and below; None if ``dwconv`` is
-        not a plain, hook-free Conv2d (then it is called as a module)."""
+    def _plain_conv(self) -> bool:
+        """Whether ``dwconv`` is a plain, hook-free Conv2d that may be called functionally (padded)."""
         conv = self.dwconv
-        if type(conv) is not nn.Conv2d or conv._forward_hooks or conv._forward_pre_hooks:
-            return None
+        return type(conv) is nn.Conv2d and not conv._forward_hooks and not conv._forward_pre_hooks
+
+    def _conv_padded(self, g: torch.Tensor) -> torch.Tensor:
+        """The conv of a (B, C, H, W) grid with one extra output row above and below (``_plain_conv()``)."""
+        conv = self.dwconv
         k = conv.kernel_size[0] // 2
         y = F.conv2d(g, conv.weight, conv.bias, 1, (k + 1, k), 1, conv.groups)
         if self.residual:  # h + dw(h), added into the fresh conv output
@@ -128,15 +130,15 @@ class LocalityLinear(nn.Module):
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
             return grid_to_tokens(self._conv(tokens_to_grid(self.linear(x), hw)))
-        if not tracing() and x.shape[0] == 1 and max(p, s) <= hw[1]:  # no shape guard when tracing
+        # no shape guard when tracing: check tracing() first
+        if not tracing() and x.shape[0] == 1 and max(p, s) <= hw[1] and self._plain_conv():
             # One sample: the grid rows of the full projection are already a channels-last image. One
             # extra row of padding above and below the grid leaves room in the conv output for the prefix
             # tokens (end of the top row) and the suffix tokens (start of the bottom row), so the tokens
             # come back as a view of it; only the few extra tokens are copied.
             h = self.linear(x)
             y = self._conv_padded(tokens_to_grid(h[:, p:n - s], hw))
-            if y is not None:
-                return tokens_around_grid(grid_to_tokens(y), h, hw[1], p, s)
+            return tokens_around_grid(grid_to_tokens(y), h, hw[1], p, s)
         # project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
         # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately. The
         # narrow inputs are made contiguous rows first: a strided 3-D input would take matmul's slower
