@@ -12,15 +12,17 @@ Example::
     model = localify.localify(model, layers="1-4") # the same object back, converted
 """
 
-from ._convert import LocalifyConfig, fuse, localify
+from ._config import LocalifyConfig
+from ._convert import conversion_plan, fuse, localify
 from ._distributed import AllReduceBatchNorm, sync_batchnorm
 from ._export import ExportError, OnnxExport, export_onnx
 from ._grid import GridSpec
 from ._io import load, load_checkpoint, read_recipe, save
-from ._locate import MLPSite, Plan, TokenLayout, find_mlps
 from ._peft import TrainableReport, mark_trainable
+from ._plan import Layout, MLPSite, Plan, SiteStatus, TokenLayout, find_mlps
 from ._select import parse_layers
 from ._sources import ModelSource, create_model
+from ._variants import Variant, get_variant, register_variant, variant_names
 from .errors import (
     AlreadyLocalifiedError,
     CheckpointError,
@@ -36,13 +38,14 @@ from .errors import (
     TraceError,
 )
 from .ffn import LocalViTFFN
-from .layers import LocalityLinear
+from .layers import LocalifyModule, LocalityLinear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "localify",
     "fuse",
+    "conversion_plan",
     "find_mlps",
     "parse_layers",
     "save",
@@ -59,10 +62,17 @@ __all__ = [
     "AllReduceBatchNorm",
     "ModelSource",
     "LocalifyConfig",
+    "Variant",
+    "register_variant",
+    "get_variant",
+    "variant_names",
+    "SiteStatus",
+    "Layout",
     "Plan",
     "MLPSite",
     "TokenLayout",
     "GridSpec",
+    "LocalifyModule",
     "LocalityLinear",
     "LocalViTFFN",
     "LocalifyError",

@@ -1,111 +1,36 @@
-"""``localify``: splice locality into the MLPs of a model, in place, checking everything first."""
+"""``localify`` and ``fuse``: convert the MLPs of a model in place (checking everything first), and deploy it."""
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
-from ._grid import GridSource, GridSpec
-from ._locate import LOCALIFIED, MLPSite, Plan, analyze, apply_selection
+from ._config import LocalifyConfig
+from ._plan import LOCALIFIED, UNSUPPORTED, MLPSite, Plan, build_plan
+from ._sources import get_source, infer_timm_source, set_source
+from ._splice import SiteRecord, get_state, localify_modules, set_submodule, splice
+from ._variants import get_variant
 from .errors import AlreadyLocalifiedError, ConfigError, FuseError, NotLocalifiableError
-from .layers import LocalityLinear
 
-__all__ = ["LocalifyConfig", "localify", "fuse", "LocalifyState", "get_state"]
+__all__ = ["localify", "fuse", "conversion_plan"]
 
-VARIANTS = ("dwconv", "residual", "localvit")
-PRESERVING = ("dwconv", "residual")
-STATE_ATTR = "_localify_state"
-
-
-@dataclass
-class LocalifyConfig:
-    """Options of a conversion; saved with a converted model and replayed on load."""
-
-    layers: Any = "all"  # "all", "early", "late", "1-4", "1,3,5-6", or a list of 1-based block numbers
-    variant: str = "dwconv"  # "dwconv": fc1 -> dw(identity) -> act -> fc2; "residual": fc1 -> h + dw(h) (zero);
-    #                          "localvit": the paper's block (1x1+BN+act -> dw+BN+act -> SE/ECA -> 1x1+BN)
-    kernel_size: int = 3  # size of the depth-wise kernel (odd)
-    act: str = "hswish"  # localvit only: hswish, relu6, relu, silu/swish, gelu
-    attention: str | None = None  # localvit only: None, "se" or "eca"
-    se_hidden: int | None = None  # localvit + se: bottleneck width (default 4, as LocalViT-T)
-    se_reduction: int | None = None  # localvit + se: or hidden // se_reduction
-    eca_kernel: int | None = None  # localvit + eca: kernel of the channel conv (default: ECA-Net's formula)
-
-    def __post_init__(self) -> None:
-        from .ffn import ACTIVATIONS, ATTENTIONS
-
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if self.variant != "localvit":
-            given = {k: v for k, v in (("attention", self.attention), ("se_hidden", self.se_hidden),
-                                       ("se_reduction", self.se_reduction), ("eca_kernel", self.eca_kernel))
-                     if v is not None}
-            if given or self.act != "hswish":
-                raise ConfigError(f"options {sorted(given) or ['act']} apply to variant='localvit' only; "
-                                  f"variant={self.variant!r} keeps the MLP's own activation")
-        if not isinstance(self.act, str) or self.act.lower() not in ACTIVATIONS:
-            raise ConfigError(f"unknown act {self.act!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if self.attention not in ATTENTIONS:
-            raise ConfigError(f"unknown attention {self.attention!r}; choose one of None, 'se', 'eca'")
-        if self.se_hidden is not None and self.se_reduction is not None:
-            raise ConfigError("give se_hidden or se_reduction, not both")
-        if (self.se_hidden is not None or self.se_reduction is not None) and self.attention != "se":
-            raise ConfigError("se_hidden / se_reduction need attention='se'")
-        if self.eca_kernel is not None and self.attention != "eca":
-            raise ConfigError("eca_kernel needs attention='eca'")
-        if not isinstance(self.kernel_size, int) or isinstance(self.kernel_size, bool) or self.kernel_size < 1 \
-                or self.kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size must be a positive odd int (3, 5, 7, ...); got {self.kernel_size!r}")
-        if isinstance(self.layers, tuple):
-            self.layers = list(self.layers)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class SiteRecord:
-    """What was done to one MLP: enough to replay the conversion on a fresh copy of the base model."""
-
-    block: int
-    kind: str  # "fc1": the first projection(s) wrapped in LocalityLinear; "mlp": the MLP module replaced
-    path: str  # the MLP module path
-    fc1: list[str]
-    fc2: str
-    prefix: int
-    suffix: int
-    layout: str
-    grid: dict  # GridSpec.to_dict()
-
-
-@dataclass
-class LocalifyState:
-    """Bookkeeping attached to a converted model (not a module, not in the state dict)."""
-
-    config: LocalifyConfig
-    sites: list[SiteRecord] = field(default_factory=list)
-    sources: dict[GridSpec, GridSource] = field(default_factory=dict)
-    fused: bool = False
-
-
-def get_state(model: nn.Module) -> LocalifyState | None:
-    return getattr(model, STATE_ATTR, None)
+_UNSET: Any = object()
 
 
 def localify(
     model: nn.Module,
-    layers: Any = "all",
+    layers: Any = _UNSET,
     *,
-    variant: str = "dwconv",
-    kernel_size: int = 3,
-    act: str = "hswish",
-    attention: str | None = None,
-    se_hidden: int | None = None,
-    se_reduction: int | None = None,
-    eca_kernel: int | None = None,
+    variant: str = _UNSET,
+    kernel_size: int = _UNSET,
+    act: str = _UNSET,
+    attention: str | None = _UNSET,
+    se_hidden: int | None = _UNSET,
+    se_reduction: int | None = _UNSET,
+    eca_kernel: int | None = _UNSET,
     example_inputs: Any = None,
     plan: Plan | None = None,
     config: LocalifyConfig | None = None,
@@ -119,15 +44,25 @@ def localify(
     ``eca_kernel``); it changes the function and is meant for training. Blocks that cannot be converted (no
     grid, already local) are skipped with a warning; nothing changes if any check fails.
 
+    The options can also be given as one ``config`` (a :class:`LocalifyConfig`), not both. A ``plan`` from
+    :func:`localify.find_mlps` saves tracing again; it is not changed (the plan of the conversion, with the
+    converted sites marked, is :func:`localify.conversion_plan`).
+
     Example::
 
         >>> model = timm.create_model("deit_tiny_patch16_224")
         >>> model = localify.localify(model, layers="1-4")
     """
+    options = {"layers": layers, "variant": variant, "kernel_size": kernel_size, "act": act,
+               "attention": attention, "se_hidden": se_hidden, "se_reduction": se_reduction,
+               "eca_kernel": eca_kernel}
+    given = {k: v for k, v in options.items() if v is not _UNSET}
+    if config is not None and given:
+        raise ConfigError(f"pass either config= or the options {sorted(given)}, not both (config.layers, "
+                          f"config.variant, ... hold them)")
     if config is None:
-        config = LocalifyConfig(layers=layers, variant=variant, kernel_size=kernel_size, act=act,
-                                attention=attention, se_hidden=se_hidden, se_reduction=se_reduction,
-                                eca_kernel=eca_kernel)
+        defaults = {f.name: f.default for f in fields(LocalifyConfig)}
+        config = LocalifyConfig(**{**defaults, **given})
     prev = get_state(model)
     if prev is not None and prev.fused:
         raise AlreadyLocalifiedError("this model was fused for deployment; convert the unfused model instead")
@@ -135,81 +70,36 @@ def localify(
         raise AlreadyLocalifiedError(
             f"this model was converted with other options ({prev.config.to_dict()}); convert more blocks with "
             f"the same variant and options, or start from the base model")
-    if plan is None:
-        plan = analyze(model, example_inputs)
-    apply_selection(plan, config.layers)
+    plan = (plan or build_plan(model, example_inputs)).select(config.layers)  # a copy: the caller's is kept
     targets = _targets(plan, config)
-
-    # build every new module before touching the model
-    state = get_state(model) or LocalifyState(config)
-    built: list[tuple[str, nn.Module]] = []
-    records: list[SiteRecord] = []
-    pending: dict[GridSpec, GridSource] = {}
-    for site in targets:
-        spec = site.tokens.source
-        src = state.sources.get(spec) or pending.setdefault(spec, GridSource(spec))
-        rec = SiteRecord(site.block, "mlp" if config.variant == "localvit" else "fc1", site.path,
-                         list(site.fc1), site.fc2, site.tokens.prefix, site.tokens.suffix, site.tokens.layout,
-                         spec.to_dict())
-        built.extend(build_site(model, rec, config, src))
-        records.append(rec)
-
-    from ._sources import SOURCE_ATTR, get_source, infer_timm_source
-
+    records = [SiteRecord(s.block, get_variant(config.variant).site_kind, s.path, list(s.fc1), s.fc2,
+                          s.tokens.prefix, s.tokens.suffix, str(s.tokens.layout), s.tokens.source.to_dict())
+               for s in targets]
     source = None if get_source(model) is not None else infer_timm_source(model)
-
-    # nothing below can fail on a valid plan
+    state = splice(model, config, records)
     if source is not None:
-        object.__setattr__(model, SOURCE_ATTR, source)
-    for path, new in built:
-        new.train(model.get_submodule(path).training)  # keep the mode of what it replaces
-        _set_submodule(model, path, new)
-    for spec, src in pending.items():
-        src.attach(model)
-        state.sources[spec] = src
-    state.sites.extend(records)
-    if get_state(model) is None:
-        object.__setattr__(model, STATE_ATTR, state)
+        set_source(model, source)
     for site in targets:
         site.status, site.reason = LOCALIFIED, "converted"
+    state.plan = plan
     return model
 
 
-def build_site(model: nn.Module, rec: SiteRecord, config: LocalifyConfig,
-               src: GridSource) -> list[tuple[str, nn.Module]]:
-    """The new modules for one site, keyed by the module path they replace (nothing is changed yet)."""
-    if rec.kind == "mlp":
-        from .ffn import LocalViTFFN
-
-        ffn = LocalViTFFN(
-            model.get_submodule(rec.fc1[0]), model.get_submodule(rec.fc2), src, rec.prefix, rec.suffix,
-            kernel_size=config.kernel_size, act=config.act, attention=config.attention,
-            se_hidden=config.se_hidden, se_reduction=config.se_reduction, eca_kernel=config.eca_kernel,
-            layout=rec.layout,
-        )
-        return [(rec.path, ffn)]
-    return [
-        (path, LocalityLinear(model.get_submodule(path), src, rec.prefix, rec.suffix, config.kernel_size,
-                              residual=config.variant == "residual", layout=rec.layout))
-        for path in rec.fc1
-    ]
-
-
-def _localvit_reason(site: MLPSite) -> str | None:
-    if not site.self_contained or not site.path:
-        return ("the localvit variant replaces a whole MLP module, but this MLP's layers are not one "
-                "self-contained module; use variant='dwconv' or 'residual'")
-    if len(site.fc1) != 1 or "glu" in site.activation:
-        return f"the localvit variant needs a plain fc1 -> act -> fc2 MLP; this one is gated ({site.activation})"
-    return None
+def conversion_plan(model: nn.Module) -> Plan | None:
+    """The plan of the last :func:`localify` call on ``model``, its converted sites marked ``localified``
+    (None for a model that was not converted in this process, e.g. one from :func:`localify.load`)."""
+    state = get_state(model)
+    return None if state is None else state.plan
 
 
 def _targets(plan: Plan, config: LocalifyConfig) -> list[MLPSite]:
-    if config.variant == "localvit":
-        for s in plan.sites:
-            why = _localvit_reason(s) if s.convertible else None
-            if why:
-                s.status, s.reason = "unsupported", why
+    """The selected sites the config's variant converts; marks the others it refuses (in ``plan``)."""
+    variant = get_variant(config.variant)
+    for s in plan.sites:
+        why = variant.refuse(s, config) if s.convertible else None
+        why = why or (_kernel_too_large(s, config.kernel_size) if s.convertible else None)
+        if why:
+            s.status, s.reason = UNSUPPORTED, why
     selected = plan.selected()
     targets = [s for s in selected if s.convertible]
     skipped = [s for s in selected if not s.convertible and s.status != LOCALIFIED]
@@ -233,10 +123,12 @@ def _targets(plan: Plan, config: LocalifyConfig) -> list[MLPSite]:
     return targets
 
 
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, new)
+def _kernel_too_large(site: MLPSite, kernel_size: int) -> str | None:
+    grid = site.tokens.grid if site.tokens is not None else None
+    if grid is None or kernel_size <= max(grid):
+        return None
+    return (f"kernel_size {kernel_size} is larger than this block's {grid[0]}x{grid[1]} grid (at the traced size): "
+            f"every extra tap would only ever see padding; use a kernel of at most {max(grid)}")
 
 
 def fuse(model: nn.Module) -> nn.Module:
@@ -246,14 +138,13 @@ def fuse(model: nn.Module) -> nn.Module:
     depth-wise branch (``h + dw(h)``) is merged into its kernel (centre tap + 1): the deployed blocks are
     conv-only and give the same outputs in eval mode. Fusing twice changes nothing. The model must be in
     eval mode (BatchNorm folds its running statistics); a model in train mode raises :class:`FuseError`.
+    ``timm.utils.reparameterize_model(model)`` does the same (it calls each block's ``fuse()``).
 
     Example::
 
         >>> deploy = localify.fuse(model.eval())
     """
-    from .ffn import LocalViTFFN, fuse_ffn, fuse_locality_linear
-
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (LocalViTFFN, LocalityLinear))]
+    targets = localify_modules(model)
     if not targets:
         raise FuseError(f"{type(model).__name__} has no localify blocks to fuse; convert it with localify() first")
     training = [n for n, m in targets if any(mm.training for mm in m.modules())]
@@ -262,9 +153,9 @@ def fuse(model: nn.Module) -> nn.Module:
             f"cannot fuse while {len(training)} converted block(s) are in train mode (first: {training[0]}): "
             f"BatchNorm would fold batch statistics. Call model.eval() first."
         )
-    new = [(n, fuse_ffn(m) if isinstance(m, LocalViTFFN) else fuse_locality_linear(m)) for n, m in targets]
+    new = [(n, m.fuse()) for n, m in targets]
     for name, mod in new:
-        _set_submodule(model, name, mod.eval())
+        set_submodule(model, name, mod.eval())
     state = get_state(model)
     if state is not None:
         state.fused = True

@@ -25,7 +25,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ._convert import get_state
+from ._convert import fuse as fuse_model
+from ._grid import watch_grids
+from ._splice import get_state, localify_modules
 from ._trace import ExampleInputs, accepts_kwarg, eval_mode, make_example_inputs
 from .errors import LocalifyError, first_line
 
@@ -66,11 +68,7 @@ class OnnxExport:
 
 
 def _needs_fuse(model: nn.Module) -> bool:
-    from .ffn import LocalViTFFN
-    from .layers import LocalityLinear
-
-    return any((isinstance(m, LocalViTFFN) and not m.fused) or (isinstance(m, LocalityLinear) and m.residual)
-               for m in model.modules())
+    return any(m.needs_fuse for _, m in localify_modules(model))
 
 
 def _patch_size(model: nn.Module, example: ExampleInputs) -> tuple[tuple[int, int] | None, str | None]:
@@ -82,13 +80,11 @@ def _patch_size(model: nn.Module, example: ExampleInputs) -> tuple[tuple[int, in
     if img is None:
         return None, "no image tensor (B, C, H, W) in the inputs: H/W stay static"
     h, w = img.shape[-2:]
-    with torch.no_grad():
+    with torch.no_grad(), watch_grids(model, list(state.sources)) as grids:
         example_call(model, example)
     ph = pw = 1
-    for src in state.sources.values():
-        if src.spec.kind == "static" or src.hw is None:
-            continue
-        gh, gw = int(src.hw[0]), int(src.hw[1])
+    for hw in grids.values():
+        gh, gw = int(hw[0]), int(hw[1])
         if gh < 1 or gw < 1:
             continue
         ph, pw = max(ph, math.ceil(h / gh)), max(pw, math.ceil(w / gw))
@@ -247,8 +243,6 @@ def export_onnx(
     notes: list[str] = []
     fused = False
     if fuse and _needs_fuse(model):
-        from ._convert import fuse as fuse_model
-
         target = copy.deepcopy(model).eval()
         fuse_model(target)
         fused = True

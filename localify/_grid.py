@@ -1,4 +1,4 @@
-"""Run-time token grids.
+"""Run-time token grids: where each converted block reads its (H, W), and how that place is found.
 
 A converted block needs the (H, W) of its token grid on every call, and that grid follows the actual input
 (other resolutions, non-square images, dynamic sizes). At conversion localify finds, for each block, a
@@ -6,10 +6,17 @@ module boundary in the original model that carries the grid: a feature map (B, C
 two int arguments (H, W) such as Hugging Face Swin's ``input_dimensions``, or the input of an ``nn.Unfold``.
 A :class:`GridSource` hook on that module records the grid when the module runs; the converted blocks
 that follow read it. Nothing here computes ``sqrt(N)``, so exported graphs keep dynamic shapes.
+
+:func:`find_grid_source` picks that module boundary at conversion: among the module calls recorded while
+tracing, the last ones before the block whose tensors (or int pairs) carry the grid, validated by running the
+original model once more at a second input size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,9 +24,20 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["GridSpec", "GridSource", "key_to_json", "get_by_key"]
+from ._trace import CallRecord
+
+__all__ = ["GridSpec", "GridSource", "key_to_json", "get_by_key", "unfold_grid", "find_grid_source", "watch_grids"]
 
 Key = tuple[tuple[str, Any], ...]
+
+
+def unfold_grid(spatial: tuple[Any, Any], geometry: tuple) -> tuple[Any, Any]:
+    """The (rows, cols) of patch positions an unfold (im2col) of a ``spatial`` map produces.
+
+    ``geometry`` is ``(kernel, dilation, padding, stride)``, each an (h, w) pair, as ``nn.Unfold`` takes them."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = geometry
+    h, w = spatial
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
 def key_to_json(kp: tuple) -> Key:
@@ -86,11 +104,7 @@ class GridSpec:
         else:
             t = get_by_key(obj, self.key)
             h, w = t.shape[self.dims[0]], t.shape[self.dims[1]]
-        if self.unfold is not None:
-            (kh, kw), (dh, dw), (ph, pw), (sh, sw) = self.unfold
-            h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        return h, w
+        return (h, w) if self.unfold is None else unfold_grid((h, w), self.unfold)
 
 
 class GridSource:
@@ -138,3 +152,114 @@ def check_tokens(n: Any, hw: tuple[Any, Any], prefix: int, suffix: int) -> None:
         lambda: f"localify: a block got {n} tokens but its grid is {hw[0]}x{hw[1]} with {prefix} prefix and "
         f"{suffix} suffix tokens",
     )
+
+
+@contextlib.contextmanager
+def watch_grids(model: nn.Module, specs: list[GridSpec]) -> Iterator[dict[GridSpec, tuple[Any, Any]]]:
+    """Record, while the block runs, the grid each of ``specs`` reads (static and BHWC specs are skipped)."""
+    seen: dict[GridSpec, tuple[Any, Any]] = {}
+    handles = []
+    for spec in specs:
+        if spec.kind in ("static", "bhwc"):
+            continue
+        mod = model.get_submodule(spec.module)
+        if spec.phase == "input":
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, k, _s=spec: seen.__setitem__(_s, _s.read((a, k))), with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, a, o, _s=spec: seen.__setitem__(_s, _s.read(o))))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------------------- discovery
+def second_size(size: tuple[int, int] | None, grids: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """An input size other than ``size`` at which every grid changes in both directions (non-square)."""
+    if size is None or not grids:
+        return None
+    rh = max(math.ceil(size[0] / g[0]) for g in grids)
+    rw = max(math.ceil(size[1] / g[1]) for g in grids)
+    return (size[0] + 2 * rh, size[1] + rw)
+
+
+def _nth_input(calls: list[CallRecord], path: str, k: int) -> CallRecord | None:
+    seen = 0
+    for rec in calls:
+        if rec.path == path and rec.phase == "input":
+            if seen == k:
+                return rec
+            seen += 1
+    return None
+
+
+def _candidates(calls: list[CallRecord], batch: int, need: tuple[int, int], unfold: tuple | None) -> list[GridSpec]:
+    """Module boundaries, latest first, whose tensors or int pairs hold the ``need`` (rows, cols)."""
+    out: list[GridSpec] = []
+    for rec in reversed(calls):
+        for kp, shp in rec.tensors:
+            if len(shp) != 4 or shp[0] != batch:
+                continue
+            for dims in ((2, 3), (1, 2)):
+                if (shp[dims[0]], shp[dims[1]]) == need:
+                    out.append(GridSpec(rec.path, rec.phase, key_to_json(kp), "tensor", dims, None, unfold))
+        for (k1, v1), (k2, v2) in zip(rec.ints, rec.ints[1:]):
+            if (v1, v2) == need:
+                out.append(GridSpec(rec.path, rec.phase, key_to_json(k1), "ints", (0, 1), key_to_json(k2), unfold))
+        if len(out) >= 8:
+            break
+    return list(dict.fromkeys(out))
+
+
+def _recorded_grid(spec: GridSpec, rec: CallRecord) -> tuple[int, int] | None:
+    """What ``spec`` would read from a recorded call (shapes and ints only)."""
+    if spec.kind == "ints":
+        vals = {key_to_json(k): v for k, v in rec.ints}
+        if spec.key not in vals or spec.key2 not in vals:
+            return None
+        hw = vals[spec.key], vals[spec.key2]
+    else:
+        shp = {key_to_json(k): s for k, s in rec.tensors}.get(spec.key)
+        if shp is None or len(shp) <= max(spec.dims):
+            return None
+        hw = shp[spec.dims[0]], shp[spec.dims[1]]
+    return hw if spec.unfold is None else unfold_grid(hw, spec.unfold)
+
+
+def _validates(spec: GridSpec, fc1: str, extra: int, probe: list[CallRecord]) -> bool:
+    """Whether ``spec``, read in the probe run, accounts for the tokens the block saw there."""
+    rec = _nth_input(probe, fc1, 0)
+    if rec is None or not rec.tensors or len(rec.tensors[0][1]) < 3:
+        return False
+    n = rec.tensors[0][1][1]
+    src = None
+    for r in probe:
+        if r.order >= rec.order:
+            break
+        if r.path == spec.module and r.phase == spec.phase:
+            src = r
+    hw = _recorded_grid(spec, src) if src is not None else None
+    return hw is not None and hw[0] * hw[1] + extra == n
+
+
+def find_grid_source(calls: list[CallRecord], batch: int, fc1: str, grid: tuple[int, int],
+                     spatial: tuple[int, int], unfold: tuple | None, extra: int,
+                     probe: list[CallRecord] | None) -> GridSpec | str:
+    """Where the block whose first projection is ``fc1`` reads its grid at run time, or why nowhere.
+
+    ``calls`` were recorded while tracing, ``probe`` (None if the model refuses another size) in a run at a
+    second size; ``extra`` is the number of prefix + suffix tokens. A model that runs at one size only gets a
+    fixed grid."""
+    rec = _nth_input(calls, fc1, 0)  # a module shared by several blocks is located by its first call
+    cands = _candidates(calls[: rec.order if rec is not None else len(calls)], batch, spatial, unfold)
+    if probe is None:
+        return cands[0] if cands else GridSpec(kind="static", static=grid)
+    chosen = next((c for c in cands if _validates(c, fc1, extra, probe)), None)
+    if chosen is not None:
+        return chosen
+    if not cands:
+        return (f"the {grid[0]}x{grid[1]} grid changes with the input size, but no module input or output "
+                f"carries it at run time")
+    return "no module input or output carries this block's grid consistently across input sizes"

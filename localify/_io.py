@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._convert import LocalifyConfig, LocalifyState, SiteRecord, _set_submodule, build_site, fuse, get_state
-from ._grid import GridSource, GridSpec
+from ._config import LocalifyConfig
+from ._convert import fuse
 from ._sources import ModelSource, create_model, get_source, set_source
+from ._splice import SiteRecord, get_state, localify_modules, locality_keys, splice
 from .errors import CheckpointError, SavedModelError, first_line
 
 __all__ = ["save", "load", "load_checkpoint", "read_recipe", "FORMAT_VERSION"]
@@ -44,20 +45,6 @@ def _versions() -> dict:
 
     return {"localify": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "transformers": transformers.__version__}
-
-
-def locality_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the parameters and buffers localify added (not the wrapped original projections)."""
-    from .ffn import LocalViTFFN
-    from .layers import LocalityLinear
-
-    keys = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, LocalityLinear):
-            keys += [f"{name}.{k}" for k in mod.state_dict() if not k.startswith("linear.")]
-        elif isinstance(mod, LocalViTFFN):
-            keys += [f"{name}.{k}" for k in mod.state_dict()]
-    return keys
 
 
 def save(
@@ -106,7 +93,7 @@ def save(
         "base": src.to_dict(),
         "config": state.config.to_dict(),
         "sites": [asdict(r) for r in state.sites],
-        "fused": state.fused,
+        "fused": state.fused or any(m.fused for _, m in localify_modules(model)),
         "weights": weights,
     }
     text = json.dumps(recipe)
@@ -300,24 +287,12 @@ def load(path: str | os.PathLike, *, base_checkpoint: str | os.PathLike | dict |
 
 def replay(model: nn.Module, recipe: dict) -> nn.Module:
     """Apply a recipe's conversion to a fresh base model, without tracing."""
-    cfg = LocalifyConfig(**recipe["config"])
-    state = LocalifyState(cfg)
-    built = []
     try:
-        for r in recipe["sites"]:
-            rec = SiteRecord(**r)
-            spec = GridSpec.from_dict(rec.grid)
-            src = state.sources.get(spec) or state.sources.setdefault(spec, GridSource(spec))
-            built += build_site(model, rec, cfg, src)
-            state.sites.append(rec)
+        config = LocalifyConfig.from_dict(recipe["config"])
+        records = [SiteRecord(**r) for r in recipe["sites"]]
+        splice(model, config, records)
     except (AttributeError, KeyError, TypeError) as e:
         raise SavedModelError(f"the recipe does not fit the rebuilt base model: {e}") from None
-    for p, new in built:
-        new.train(model.get_submodule(p).training)
-        _set_submodule(model, p, new)
-    for src in state.sources.values():
-        src.attach(model)
-    object.__setattr__(model, "_localify_state", state)
     if recipe.get("fused"):
         was = model.training
         model.eval()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ._splice import locality_keys
 from .errors import ConfigError
 
 __all__ = ["mark_trainable", "TrainableReport", "find_classifier", "locality_parameter_names"]
@@ -59,8 +60,6 @@ class TrainableReport:
 def locality_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters localify added: the depth-wise kernels of ``LocalityLinear`` (not the wrapped
     projection) and every parameter of a ``LocalViTFFN``."""
-    from ._io import locality_keys
-
     params = {n for n, _ in model.named_parameters()}
     return [k for k in locality_keys(model) if k in params]
 

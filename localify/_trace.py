@@ -74,6 +74,7 @@ class Trace:
     calls: list[CallRecord]
     example: ExampleInputs
     batch: int
+    tracer: str = "torch.export"  # the tracer that produced ``graph``
 
 
 def _find_image_key(args: tuple, kwargs: dict) -> tuple | None:

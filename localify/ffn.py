@@ -44,7 +44,6 @@ plain one with the identity added to the centre tap.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -54,7 +53,14 @@ from torch import nn
 
 from ._grid import GridSource, check_tokens
 from .errors import ConfigError, FuseError
-from .layers import LocalityLinear, tokens_around_grid, tracing
+from .layers import (
+    LocalifyModule,
+    copy_sharing_grid,
+    fuse_locality_linear,
+    require_eval,
+    tokens_around_grid,
+    tracing,
+)
 
 __all__ = [
     "LocalViTFFN",
@@ -123,7 +129,7 @@ class EfficientChannelAttention(nn.Module):
         return x.mul_(w) if inplace else x * w
 
 
-class LocalViTFFN(nn.Module):
+class LocalViTFFN(LocalifyModule):
     """The LocalViT locality FFN; replaces a whole MLP module (``fc1 -> act -> fc2``).
 
     Args:
@@ -238,7 +244,7 @@ class LocalViTFFN(nn.Module):
         return self.dwconv.kernel_size[0]
 
     @property
-    def fused(self) -> bool:
+    def fused(self) -> bool:  # type: ignore[override]
         """True once the BatchNorms were folded into the convs (see :func:`fuse_ffn`)."""
         return self.bn1 is None
 
@@ -251,6 +257,17 @@ class LocalViTFFN(nn.Module):
     def fuse(self) -> LocalViTFFN:
         """A copy with every BatchNorm folded in (eval mode only); see :func:`fuse_ffn`."""
         return fuse_ffn(self)
+
+    def get_base_layer(self) -> None:
+        """None: the block replaces the original MLP (its fc1/fc2 weights only initialise the 1x1 convs)."""
+        return None
+
+    def locality_state_keys(self) -> list[str]:
+        return list(self.state_dict())
+
+    @property
+    def needs_fuse(self) -> bool:
+        return not self.fused
 
     # --- forward -----------------------------------------------------------------------------------------
     @staticmethod
@@ -444,24 +461,6 @@ def _fold_eval(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module | None):
 
 
 # --- fusion ----------------------------------------------------------------------------------------------
-def _require_eval(m: nn.Module) -> None:
-    if m.training:
-        raise FuseError(
-            f"localify: cannot fuse {type(m).__name__} in training mode: BatchNorm folds its running (eval) "
-            "statistics. Call .eval() first."
-        )
-
-
-def _copy_sharing_grid(m: nn.Module) -> Any:
-    """deepcopy that keeps the grid source shared: the copy must read the same run-time grid hook."""
-    memo = {}
-    for sub in m.modules():
-        g = getattr(sub, "grid_source", None)
-        if g is not None:
-            memo[id(g)] = g
-    return copy.deepcopy(m, memo)
-
-
 @torch.no_grad()
 def _bn_scale_shift(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.running_mean is None:
@@ -521,8 +520,8 @@ def fuse_ffn(m: LocalViTFFN) -> LocalViTFFN:
     """
     if not isinstance(m, LocalViTFFN):
         raise FuseError(f"localify: fuse_ffn expects a LocalViTFFN, got {type(m).__name__}")
-    _require_eval(m)
-    f = _copy_sharing_grid(m)
+    require_eval(m)
+    f = copy_sharing_grid(m)
     f.__dict__.pop("_folded", None)  # the eval-mode cache of m, if it had one
     if f.fused:
         return f
@@ -530,32 +529,4 @@ def fuse_ffn(m: LocalViTFFN) -> LocalViTFFN:
     f.dwconv = _fold_conv(f.dwconv, f.bn2)
     f.fc2 = _fold_linear(f.fc2, f.bn3)
     f.bn1 = f.bn2 = f.bn3 = None
-    return f
-
-
-def fuse_locality_linear(m: LocalityLinear) -> LocalityLinear:
-    """A non-residual copy of a residual :class:`LocalityLinear`: ``h + dw(h)`` is ``dw'(h)`` with the
-    identity added to the centre tap of every channel's kernel.
-
-    A non-residual ``m`` comes back as an equal copy (fusing twice changes nothing). The copy shares the grid
-    source of ``m``; ``m`` is left unchanged.
-
-    Raises:
-        FuseError: ``m`` is in training mode.
-    """
-    if not isinstance(m, LocalityLinear):
-        raise FuseError(f"localify: fuse_locality_linear expects a LocalityLinear, got {type(m).__name__}")
-    _require_eval(m)
-    f = _copy_sharing_grid(m)
-    if not f.residual:
-        return f
-    with torch.no_grad():
-        w = f.dwconv.weight  # (C, 1, kh, kw)
-        kh, kw = w.shape[-2:]
-        if kh % 2 == 0 or kw % 2 == 0 or f.dwconv.padding != (kh // 2, kw // 2) or f.dwconv.stride != (1, 1):
-            raise FuseError(
-                "localify: only an odd, 'same'-padded, stride-1 depth-wise kernel can absorb the residual"
-            )
-        w[:, 0, kh // 2, kw // 2] += 1.0
-    f.residual = False
     return f

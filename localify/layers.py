@@ -16,6 +16,7 @@ grid) and the few extra tokens are projected separately and concatenated.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -23,8 +24,56 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._grid import GridSource, check_tokens
+from .errors import FuseError
 
-__all__ = ["LocalityLinear", "tokens_to_grid", "grid_to_tokens"]
+__all__ = ["LocalifyModule", "LocalityLinear", "fuse_locality_linear", "tokens_to_grid", "grid_to_tokens"]
+
+
+class LocalifyModule(nn.Module):
+    """Base class of every module localify splices into a model; each one owns its bookkeeping.
+
+    * :meth:`get_base_layer` gives the original module it wraps (as PEFT's tuner layers do), or None when the
+      module replaced the original computation (``localvit``).
+    * :meth:`locality_state_keys` names the state-dict entries localify added (what ``mark_trainable`` trains
+      and ``save(weights="locality")`` stores).
+    * :meth:`fuse` returns a deployment copy (BatchNorms folded, residual branches merged), so that
+      ``localify.fuse(model)`` and ``timm.utils.reparameterize_model(model)`` both work.
+    """
+
+    fused: bool = False  # True once fuse() produced this module
+
+    def get_base_layer(self) -> nn.Module | None:
+        raise NotImplementedError
+
+    def locality_state_keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def fuse(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def needs_fuse(self) -> bool:
+        """Whether :meth:`fuse` changes the computation (BatchNorms to fold, a residual branch to merge)."""
+        raise NotImplementedError
+
+
+def require_eval(m: nn.Module) -> None:
+    """Fusing folds running (eval) statistics: refuse a module in training mode."""
+    if m.training:
+        raise FuseError(
+            f"localify: cannot fuse {type(m).__name__} in training mode: BatchNorm folds its running (eval) "
+            "statistics. Call .eval() first."
+        )
+
+
+def copy_sharing_grid(m: nn.Module) -> nn.Module:
+    """deepcopy that keeps the grid source shared: the copy must read the same run-time grid hook."""
+    memo = {}
+    for sub in m.modules():
+        g = getattr(sub, "grid_source", None)
+        if g is not None:
+            memo[id(g)] = g
+    return copy.deepcopy(m, memo)
 
 
 def tokens_to_grid(x: torch.Tensor, hw: tuple[Any, Any]) -> torch.Tensor:
@@ -37,7 +86,7 @@ def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).flatten(1, 2)
 
 
-class LocalityLinear(nn.Module):
+class LocalityLinear(LocalifyModule):
     """A Linear followed by a depth-wise conv over the token grid; extra tokens skip the conv.
 
     Args:
@@ -102,6 +151,21 @@ class LocalityLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"prefix={self.prefix}, suffix={self.suffix}, residual={self.residual}, layout={self.layout}")
+
+    def get_base_layer(self) -> nn.Linear:
+        """The original projection, unchanged (``self.linear``)."""
+        return self.linear
+
+    def locality_state_keys(self) -> list[str]:
+        return [k for k in self.state_dict() if not k.startswith("linear.")]
+
+    def fuse(self) -> LocalityLinear:
+        """A deployment copy; see :func:`fuse_locality_linear`."""
+        return fuse_locality_linear(self)
+
+    @property
+    def needs_fuse(self) -> bool:
+        return self.residual
 
     def _conv(self, g: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(g)
@@ -176,3 +240,32 @@ def tokens_around_grid(t: torch.Tensor, h: torch.Tensor, width: Any, prefix: int
 def tracing() -> bool:
     """True under torch.compile / torch.export / TorchScript tracing: take the shape-generic path there."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def fuse_locality_linear(m: LocalityLinear) -> LocalityLinear:
+    """A non-residual copy of a residual :class:`LocalityLinear`: ``h + dw(h)`` is ``dw'(h)`` with the
+    identity added to the centre tap of every channel's kernel.
+
+    A non-residual ``m`` comes back as an equal copy (fusing twice changes nothing). The copy shares the grid
+    source of ``m``; ``m`` is left unchanged.
+
+    Raises:
+        FuseError: ``m`` is in training mode.
+    """
+    if not isinstance(m, LocalityLinear):
+        raise FuseError(f"localify: fuse_locality_linear expects a LocalityLinear, got {type(m).__name__}")
+    require_eval(m)
+    f = copy_sharing_grid(m)
+    f.fused = True
+    if not f.residual:
+        return f
+    with torch.no_grad():
+        w = f.dwconv.weight  # (C, 1, kh, kw)
+        kh, kw = w.shape[-2:]
+        if kh % 2 == 0 or kw % 2 == 0 or f.dwconv.padding != (kh // 2, kw // 2) or f.dwconv.stride != (1, 1):
+            raise FuseError(
+                "localify: only an odd, 'same'-padded, stride-1 depth-wise kernel can absorb the residual"
+            )
+        w[:, 0, kh // 2, kw // 2] += 1.0
+    f.residual = False
+    return f

@@ -1,56 +1,66 @@
-"""``find_mlps``: trace a model and report every transformer MLP, its tokens, and whether it can be converted."""
+"""The plan: every transformer MLP of a model, its tokens, and whether it can be converted (``find_mlps``).
+
+:func:`build_plan` runs the pipeline once: example inputs and trace (:mod:`localify._trace`), MLP matching
+(:mod:`localify._match`), the token walk (:mod:`localify._tokens`), the grid proof (:mod:`localify._proof`)
+and the run-time grid source of each block (:mod:`localify._grid`). The result is a :class:`Plan`; nothing
+in the model changes.
+"""
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from ._graph import (
-    Found,
-    GraphIndex,
-    MLPMatch,
-    NoGrid,
-    TokenWalker,
-    match_mlps,
-    module_stack,
-    op_name,
-    owner,
-    token_layout,
-)
-from ._grid import GridSpec, key_to_json
+from ._grid import GridSpec, find_grid_source, second_size
+from ._match import MLPMatch, match_mlps
+from ._ops import GraphIndex, module_stack, op_name, owner
 from ._select import parse_layers
-from ._trace import (
-    CallRecord,
-    Trace,
-    accepts_kwarg,
-    eval_mode,
-    make_example_inputs,
-    record_calls,
-    trace_model,
-)
+from ._tokens import NoGrid, Origin, TokenGrid, TokenWalker, token_layout
+from ._trace import CallRecord, accepts_kwarg, eval_mode, make_example_inputs, record_calls, trace_model
 from .errors import NoMLPFoundError
+from .layers import LocalifyModule
 
-__all__ = ["TokenLayout", "MLPSite", "Plan", "find_mlps", "analyze"]
+__all__ = ["SiteStatus", "Layout", "TokenLayout", "MLPSite", "Plan", "find_mlps", "build_plan"]
 
-# site status values
-CONVERTIBLE = "convertible"
-NO_GRID = "no_grid"
-FOLDED = "folded"
-ALREADY_LOCAL = "already_local"
-LOCALIFIED = "localified"
-UNSUPPORTED = "unsupported"
+
+class SiteStatus(str, Enum):
+    """What can be done with one MLP (a ``str``: recipes and ``--json`` output hold the plain value)."""
+
+    CONVERTIBLE = "convertible"  # a proven raster grid: converted when selected
+    NO_GRID = "no_grid"  # no patch grid (class token alone, input tokens, shuffled tokens, not raster)
+    FOLDED = "folded"  # patches or windows folded into the batch dimension
+    ALREADY_LOCAL = "already_local"  # the MLP already holds a depth-wise conv
+    LOCALIFIED = "localified"  # converted by localify
+    UNSUPPORTED = "unsupported"  # the selected variant or the module structure does not allow it
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Layout(str, Enum):
+    """How the tokens entering an MLP are stored."""
+
+    BNC = "BNC"  # (B, N, C) tokens
+    BHWC = "BHWC"  # (B, H, W, C) feature map
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CONVERTIBLE, NO_GRID, FOLDED = SiteStatus.CONVERTIBLE, SiteStatus.NO_GRID, SiteStatus.FOLDED
+ALREADY_LOCAL, LOCALIFIED, UNSUPPORTED = SiteStatus.ALREADY_LOCAL, SiteStatus.LOCALIFIED, SiteStatus.UNSUPPORTED
 
 
 @dataclass(frozen=True)
 class TokenLayout:
     """How the tokens entering an MLP are laid out."""
 
-    layout: str  # "BNC": (B, N, C) tokens; "BHWC": (B, H, W, C) feature map
+    layout: Layout
     prefix: int  # tokens before the grid (class, distillation, registers)
     suffix: int  # tokens after the grid (detection tokens)
     grid: tuple[int, int]  # (rows, cols) at the traced input size
@@ -79,7 +89,7 @@ class MLPSite:
     out_features: int
     activation: str
     tokens: TokenLayout | None
-    status: str
+    status: SiteStatus
     reason: str = ""
     selected: bool = True
     self_contained: bool = False  # the module at ``path`` computes exactly this MLP and nothing else
@@ -108,7 +118,14 @@ class Plan:
     layers: list[int]
     second_size: tuple[int, int] | None = None  # size the run-time grid sources were validated at
     trace_seconds: float = 0.0
-    _trace: Any = field(default=None, repr=False)
+    tracer: str = "torch.export"  # which tracer produced the graph
+    trace: Any = field(default=None, repr=False, compare=False)  # the Trace the plan was built from
+
+    def select(self, layers: Any) -> Plan:
+        """A copy of the plan with ``layers`` marked as selected (this plan is not changed)."""
+        picked = parse_layers(None if layers == "all" else layers, self.num_blocks)
+        chosen = set(picked)
+        return replace(self, layers=picked, sites=[replace(s, selected=s.block in chosen) for s in self.sites])
 
     def selected(self) -> list[MLPSite]:
         return [s for s in self.sites if s.selected]
@@ -124,6 +141,7 @@ class Plan:
             "num_blocks": self.num_blocks,
             "layers": self.layers,
             "second_size": self.second_size,
+            "tracer": self.tracer,
             "sites": [s.to_dict() for s in self.sites],
         }
 
@@ -150,21 +168,11 @@ def find_mlps(model: nn.Module, example_inputs: Any = None, *, layers: Any = "al
         >>> plan = localify.find_mlps(timm.create_model("deit_tiny_patch16_224"))
         >>> print(plan)
     """
-    plan = analyze(model, example_inputs)
-    apply_selection(plan, layers)
-    return plan
+    return build_plan(model, example_inputs).select(layers)
 
 
-def apply_selection(plan: Plan, layers: Any) -> None:
-    picked = parse_layers(None if layers == "all" else layers, plan.num_blocks)
-    plan.layers = picked
-    chosen = set(picked)
-    for s in plan.sites:
-        s.selected = s.block in chosen
-
-
-# --------------------------------------------------------------------------------------------------- analysis
-def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
+def build_plan(model: nn.Module, example_inputs: Any = None) -> Plan:
+    """Trace ``model`` once and build its plan, with every block selected."""
     t0 = time.perf_counter()
     example = make_example_inputs(model, example_inputs)
     trace = trace_model(model, example)
@@ -181,19 +189,19 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
     for n in idx.graph.nodes:
         for path, _ in module_stack(n):
             scope.setdefault(path, []).append(n)
-    raw = [_site_from_match(m, idx, modules, walker, scope) for m in matches]
-    _number_blocks(raw)
+    pairs = [_site_from_match(m, idx, modules, walker, scope) for m in matches]
+    _number_blocks([site for site, _ in pairs])
 
-    found_sites = [(site, res) for site, res in raw
-                   if isinstance(res, Found) and res.kind != "bhwc" and site.status == CONVERTIBLE]
-    second = _second_size(input_size, [r for _, r in found_sites])
-    probe = _probe(model, example, second) if second and found_sites else None
-    for site, res in found_sites:
-        _assign_source(site, res, trace, probe)
+    tokens = [(site, res) for site, res in pairs
+              if isinstance(res, TokenGrid) and res.kind != Origin.BHWC and site.status == CONVERTIBLE]
+    second = second_size(input_size, [res.grid for _, res in tokens])
+    probe = _probe(model, example, second) if second and tokens else None
+    for site, res in tokens:
+        _assign_source(site, res, trace.calls, trace.batch, probe)
 
-    sites = [s for s, _ in raw]
+    sites = [s for s, _ in pairs]
     num_blocks = max(s.block for s in sites)
-    plan = Plan(
+    return Plan(
         model=type(model).__name__,
         input_size=input_size,
         sites=sites,
@@ -201,9 +209,9 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
         layers=list(range(1, num_blocks + 1)),
         second_size=second if probe is not None else None,
         trace_seconds=time.perf_counter() - t0,
-        _trace=trace,
+        tracer=trace.tracer,
+        trace=trace,
     )
-    return plan
 
 
 def _no_mlp_error(model: nn.Module, idx: GraphIndex) -> NoMLPFoundError:
@@ -247,10 +255,18 @@ def _block_path(mlp_path: str) -> str:
     return ".".join(parts[:-1])
 
 
-def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module], walker: TokenWalker,
-                     scope: dict[str, list[fx.Node]]) -> tuple[MLPSite, Any]:
-    from .layers import LocalityLinear
+def _localify_owner(path: str, modules: dict[str, nn.Module]) -> str | None:
+    """The path of the localify module that ``path`` sits inside, if any."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        p = ".".join(parts[:i])
+        if isinstance(modules.get(p), LocalifyModule):
+            return p
+    return None
 
+
+def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module], walker: TokenWalker,
+                     scope: dict[str, list[fx.Node]]) -> tuple[MLPSite, TokenGrid | NoGrid]:
     fc1_paths = [_param_module(idx, n) for n in m.fc1]
     fc2_path = _param_module(idx, m.fc2) or owner(m.fc2)
     w1 = [n.args[1].meta.get("val") for n in m.fc1]
@@ -267,10 +283,10 @@ def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module]
             status, reason = UNSUPPORTED, "a first-layer projection is a functional linear, not an nn.Linear module"
             shown_fc1.append("?")
             continue
-        parent = p.rsplit(".", 1)[0] if "." in p else ""
-        if p.endswith(".linear") and isinstance(modules.get(parent), LocalityLinear):
+        wrapper = _localify_owner(p, modules)
+        if wrapper is not None:
             localified = True
-            shown_fc1.append(parent)
+            shown_fc1.append(wrapper if p.endswith(".linear") else p)
         else:
             shown_fc1.append(p)
             if not isinstance(modules.get(p), nn.Linear):
@@ -282,14 +298,17 @@ def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module]
 
     res = token_layout(idx, m.input, walker)
     tokens = None
-    if isinstance(res, Found) and res.kind == "bhwc":
-        tokens = TokenLayout("BHWC", 0, 0, res.grid, GridSpec(kind="bhwc"))
-    elif isinstance(res, Found):
-        tokens = TokenLayout("BNC", res.prefix, res.suffix, res.grid)
+    if isinstance(res, TokenGrid) and res.kind == Origin.BHWC:
+        tokens = TokenLayout(Layout.BHWC, 0, 0, res.grid, GridSpec(kind="bhwc"))
+    elif isinstance(res, TokenGrid):
+        tokens = TokenLayout(Layout.BNC, res.prefix, res.suffix, res.grid)
     if localified:
         status, reason = LOCALIFIED, "already converted by localify"
     elif m.has_dwconv:
         status, reason = ALREADY_LOCAL, "the MLP already contains a depth-wise convolution"
+    elif status == CONVERTIBLE and m.shared:
+        status, reason = UNSUPPORTED, ("the first projection's output also feeds ops outside the MLP (q, k, v "
+                                       "packed with fc1 in one Linear); a depth-wise conv over it would mix them")
     elif status == CONVERTIBLE and isinstance(res, NoGrid):
         status, reason = (FOLDED if res.folded else NO_GRID), res.reason
 
@@ -319,19 +338,10 @@ def _self_contained(m: MLPMatch, idx: GraphIndex, inside: list[fx.Node]) -> bool
     return all(n in members or idx.order[n] > last for n in inside)
 
 
-def _number_blocks(raw: list[tuple[MLPSite, Any]]) -> None:
+def _number_blocks(sites: list[MLPSite]) -> None:
     numbers: dict[str, int] = {}
-    for site, _ in raw:
+    for site in sites:
         site.block = numbers.setdefault(site.block_path, len(numbers) + 1)
-
-
-# --------------------------------------------------------------------------------------------------- grid sources
-def _second_size(size: tuple[int, int] | None, found: list[Found]) -> tuple[int, int] | None:
-    if size is None or not found:
-        return None
-    rh = max(math.ceil(size[0] / f.grid[0]) for f in found)
-    rw = max(math.ceil(size[1] / f.grid[1]) for f in found)
-    return (size[0] + 2 * rh, size[1] + rw)
 
 
 def _probe(model: nn.Module, example, size: tuple[int, int]) -> list[CallRecord] | None:
@@ -352,89 +362,11 @@ def _probe(model: nn.Module, example, size: tuple[int, int]) -> list[CallRecord]
     return calls
 
 
-def _nth_input(calls: list[CallRecord], path: str, k: int) -> CallRecord | None:
-    seen = 0
-    for rec in calls:
-        if rec.path == path and rec.phase == "input":
-            if seen == k:
-                return rec
-            seen += 1
-    return None
-
-
-def _candidates(trace: Trace, before: int, need: tuple[int, int], unfold) -> list[GridSpec]:
-    out: list[GridSpec] = []
-    for rec in reversed(trace.calls[:before]):
-        for kp, shp in rec.tensors:
-            if len(shp) != 4 or shp[0] != trace.batch:
-                continue
-            for dims in ((2, 3), (1, 2)):
-                if (shp[dims[0]], shp[dims[1]]) == need:
-                    out.append(GridSpec(rec.path, rec.phase, key_to_json(kp), "tensor", dims, None, unfold))
-        for (k1, v1), (k2, v2) in zip(rec.ints, rec.ints[1:]):
-            if (v1, v2) == need:
-                out.append(GridSpec(rec.path, rec.phase, key_to_json(k1), "ints", (0, 1), key_to_json(k2), unfold))
-        if len(out) >= 8:
-            break
-    seen, uniq = set(), []
-    for c in out:
-        if c not in seen:
-            seen.add(c)
-            uniq.append(c)
-    return uniq
-
-
-def _spec_value(spec: GridSpec, rec: CallRecord) -> tuple[int, int] | None:
-    if spec.kind == "ints":
-        vals = {key_to_json(k): v for k, v in rec.ints}
-        if spec.key not in vals or spec.key2 not in vals:
-            return None
-        h, w = vals[spec.key], vals[spec.key2]
+def _assign_source(site: MLPSite, res: TokenGrid, calls: list[CallRecord], batch: int,
+                   probe: list[CallRecord] | None) -> None:
+    found = find_grid_source(calls, batch, site.fc1[0], res.grid, res.spatial, res.unfold,
+                             res.prefix + res.suffix, probe)
+    if isinstance(found, str):
+        site.status, site.reason = NO_GRID, found
     else:
-        shapes = {key_to_json(k): s for k, s in rec.tensors}
-        shp = shapes.get(spec.key)
-        if shp is None or len(shp) <= max(spec.dims):
-            return None
-        h, w = shp[spec.dims[0]], shp[spec.dims[1]]
-    if spec.unfold is not None:
-        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = spec.unfold
-        h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return h, w
-
-
-def _validates(spec: GridSpec, site: MLPSite, probe: list[CallRecord]) -> bool:
-    rec = _nth_input(probe, site.fc1[0], 0)
-    if rec is None or not rec.tensors:
-        return False
-    n = rec.tensors[0][1][1] if len(rec.tensors[0][1]) >= 3 else None
-    src = None
-    for r in probe:
-        if r.order >= rec.order:
-            break
-        if r.path == spec.module and r.phase == spec.phase:
-            src = r
-    if src is None or n is None:
-        return False
-    hw = _spec_value(spec, src)
-    return hw is not None and hw[0] * hw[1] + site.tokens.prefix + site.tokens.suffix == n
-
-
-def _assign_source(site: MLPSite, res: Found, trace: Trace, probe: list[CallRecord] | None) -> None:
-    # the site's first call of fc1 (an fc1 module shared by several blocks is located by its first call)
-    rec = _nth_input(trace.calls, site.fc1[0], 0)
-    before = rec.order if rec is not None else len(trace.calls)
-    cands = _candidates(trace, before, res.spatial, res.unfold)
-    if probe is None:
-        chosen = cands[0] if cands else GridSpec(kind="static", static=res.grid)
-    else:
-        chosen = next((c for c in cands if _validates(c, site, probe)), None)
-    if chosen is None:
-        site.status = NO_GRID
-        site.reason = (
-            f"the {res.grid[0]}x{res.grid[1]} grid changes with the input size, but no module input or output "
-            f"carries it at run time" if not cands else
-            "no module input or output carries this block's grid consistently across input sizes"
-        )
-        return
-    site.tokens = TokenLayout("BNC", res.prefix, res.suffix, res.grid, chosen)
+        site.tokens = TokenLayout(Layout.BNC, res.prefix, res.suffix, res.grid, found)

@@ -1,0 +1,154 @@
+"""Variants: what a conversion splices into each MLP. Each variant is defined here, once.
+
+A :class:`Variant` says
+
+* its ``name`` (``LocalifyConfig.variant``) and whether it ``preserves_function`` at conversion;
+* which :class:`~localify.LocalifyConfig` ``options`` it takes besides ``layers`` and ``kernel_size``, and how
+  they are validated (:meth:`Variant.validate`);
+* which sites it accepts (:meth:`Variant.refuse` returns the reason when not);
+* how it builds its modules for one site (:meth:`Variant.build`), and the ``site_kind`` recorded for replay.
+
+The modules it builds derive from :class:`~localify.layers.LocalifyModule` and own their deployment
+(``fuse()``), their locality parameters and their base layer, so nothing else in localify switches on a
+variant name.
+
+Adding a variant: subclass :class:`Variant`, set ``name``/``preserves_function``/``options``/``site_kind``,
+implement ``build`` (and ``refuse``/``validate`` if needed), and call :func:`register_variant` on an instance.
+``localify.localify(model, variant="yours")``, ``save``/``load``, ``fuse`` and ``export_onnx`` then work with it
+(a saved model names the variant: the code that registers it must run before loading).
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from ._grid import GridSource
+from .errors import ConfigError
+from .ffn import ACTIVATIONS, ATTENTIONS, LocalViTFFN
+from .layers import LocalityLinear
+
+if TYPE_CHECKING:  # annotations only
+    from ._config import LocalifyConfig
+    from ._plan import MLPSite
+    from ._splice import SiteRecord
+
+__all__ = ["Variant", "register_variant", "get_variant", "variant_names", "is_int"]
+
+
+def is_int(v: Any) -> bool:
+    """An integer that is not a bool (``True`` is not a kernel size)."""
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+class Variant:
+    """One kind of conversion. Subclass it and register an instance with :func:`register_variant`."""
+
+    name: ClassVar[str]
+    preserves_function: ClassVar[bool]  # the converted model computes what the original computed
+    options: ClassVar[tuple[str, ...]] = ()  # LocalifyConfig fields it takes besides layers / kernel_size
+    site_kind: ClassVar[str] = "fc1"  # "fc1": the first projection(s) are wrapped; "mlp": the MLP is replaced
+
+    def validate(self, config: LocalifyConfig) -> None:
+        """Raise :class:`ConfigError` for option values this variant cannot use."""
+
+    def refuse(self, site: MLPSite, config: LocalifyConfig) -> str | None:
+        """Why this variant cannot convert ``site`` (a convertible one), or None."""
+        return None
+
+    def build(self, model: nn.Module, record: SiteRecord, config: LocalifyConfig,
+              grid: GridSource) -> list[tuple[str, nn.Module]]:
+        """The new modules for one site, keyed by the module path each replaces (the model is not changed)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant) -> Variant:
+    """Make ``variant`` available as ``localify(model, variant=variant.name)``; returns it."""
+    if not isinstance(variant, Variant):
+        raise ConfigError(f"register_variant takes a Variant instance, got {type(variant).__name__}")
+    _REGISTRY[variant.name] = variant
+    return variant
+
+
+def get_variant(name: Any) -> Variant:
+    v = _REGISTRY.get(name) if isinstance(name, str) else None
+    if v is None:
+        raise ConfigError(f"unknown variant {name!r}; choose one of {', '.join(variant_names())}")
+    return v
+
+
+def variant_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+class DWConv(Variant):
+    """``fc1 -> dw(k x k) -> act -> fc2``; the kernel starts as identity (Dirac): exact at conversion."""
+
+    name = "dwconv"
+    preserves_function = True
+    residual = False
+
+    def build(self, model, record, config, grid):
+        return [(path, LocalityLinear(model.get_submodule(path), grid, record.prefix, record.suffix,
+                                      config.kernel_size, residual=self.residual, layout=record.layout))
+                for path in record.fc1]
+
+
+class Residual(DWConv):
+    """``fc1 -> h + dw(h) -> act -> fc2``; the kernel starts at zero (Convpass-style): exact at conversion."""
+
+    name = "residual"
+    residual = True
+
+
+class LocalViT(Variant):
+    """The paper's block replacing the whole MLP module: 1x1 + BN + act -> dw + BN + act -> SE/ECA -> 1x1 + BN."""
+
+    name = "localvit"
+    preserves_function = False
+    options = ("act", "attention", "se_hidden", "se_reduction", "eca_kernel")
+    site_kind = "mlp"
+
+    def validate(self, config):
+        if not isinstance(config.act, str) or config.act.lower() not in ACTIVATIONS:
+            raise ConfigError(f"unknown act {config.act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if config.attention not in ATTENTIONS:
+            raise ConfigError(f"unknown attention {config.attention!r}; choose one of None, 'se', 'eca'")
+        for opt in ("se_hidden", "se_reduction", "eca_kernel"):
+            v = getattr(config, opt)
+            if v is not None and (not is_int(v) or v < 1):
+                raise ConfigError(f"{opt} must be a positive int; got {v!r}")
+        if config.se_hidden is not None and config.se_reduction is not None:
+            raise ConfigError("give se_hidden or se_reduction, not both")
+        if (config.se_hidden is not None or config.se_reduction is not None) and config.attention != "se":
+            raise ConfigError("se_hidden / se_reduction need attention='se'")
+        if config.eca_kernel is not None and config.attention != "eca":
+            raise ConfigError("eca_kernel needs attention='eca'")
+        if config.eca_kernel is not None and config.eca_kernel % 2 == 0:
+            raise ConfigError(f"eca_kernel must be odd; got {config.eca_kernel}")
+
+    def refuse(self, site, config):
+        if not site.self_contained or not site.path:
+            return ("the localvit variant replaces a whole MLP module, but this MLP's layers are not one "
+                    "self-contained module; use variant='dwconv' or 'residual'")
+        if len(site.fc1) != 1 or "glu" in site.activation:
+            return f"the localvit variant needs a plain fc1 -> act -> fc2 MLP; this one is gated ({site.activation})"
+        return None
+
+    def build(self, model, record, config, grid):
+        ffn = LocalViTFFN(
+            model.get_submodule(record.fc1[0]), model.get_submodule(record.fc2), grid, record.prefix,
+            record.suffix, kernel_size=config.kernel_size, act=config.act, attention=config.attention,
+            se_hidden=config.se_hidden, se_reduction=config.se_reduction, eca_kernel=config.eca_kernel,
+            layout=record.layout,
+        )
+        return [(record.path, ffn)]
+
+
+for _v in (DWConv(), Residual(), LocalViT()):
+    register_variant(_v)
