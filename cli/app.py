@@ -10,7 +10,7 @@ import typer
 import localify
 
 from . import bench, convert, export, inspection, verify
-from ._common import LocalifyGroup
+from ._errors import LocalifyGroup
 
 app = typer.Typer(
     name="localify",

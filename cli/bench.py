@@ -14,7 +14,10 @@ from torch import nn
 
 import localify
 
-from ._common import (
+from ._models import (
+    load_model,
+)
+from ._options import (
     Act,
     ActOpt,
     AttentionOpt,
@@ -25,17 +28,17 @@ from ._common import (
     LayersOpt,
     ModelArg,
     ModelKwargsOpt,
-    Output,
     PretrainedOpt,
     QuietOpt,
     SeHiddenOpt,
     SeReductionOpt,
     Variant,
     VariantOpt,
-    example_inputs,
     kwargs_value,
-    load_model,
     make_config,
+)
+from ._output import (
+    Output,
     size_text,
     titled,
 )
@@ -95,6 +98,7 @@ def bench(
         plan = localify.find_mlps(loaded.model, layers=config.layers)
     original = copy.deepcopy(loaded.model)
     converted = localify.localify(loaded.model, plan=plan, config=config)
+    plan = localify.conversion_plan(converted)
 
     old_threads = torch.get_num_threads()
     if threads:
@@ -132,8 +136,8 @@ def _time(model: nn.Module, args: tuple, kwargs: dict, iters: int) -> float:
 
 
 def _bench_batch(original: nn.Module, converted: nn.Module, batch: int, rounds: int, step) -> dict:
-    args, kwargs = example_inputs(original)
-    args, kwargs = _rebatch(args, batch), {k: _rebatch(v, batch) for k, v in kwargs.items()}
+    ex = localify.example_inputs(original)
+    args, kwargs = _rebatch(ex.args, batch), {k: _rebatch(v, batch) for k, v in ex.kwargs.items()}
     with torch.inference_mode():
         single = min(_time(m, args, kwargs, 1) for m in (original, converted, original, converted))  # warm-up
         iters = max(1, min(100, round(TARGET_SECONDS / max(single, 1e-6))))

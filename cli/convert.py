@@ -16,14 +16,18 @@ import localify
 from localify._io import RECIPE_FILE
 from localify.errors import SavedModelError
 
-from ._common import (
+from ._errors import (
+    CheckFailedError,
+)
+from ._models import (
+    load_model,
+    num_params,
+)
+from ._options import (
     OUTPUT_PANEL,
-    PRESERVING,
-    TOLERANCE,
     Act,
     ActOpt,
     AttentionOpt,
-    CheckFailedError,
     CheckpointOpt,
     EcaKernelOpt,
     JsonOpt,
@@ -31,7 +35,6 @@ from ._common import (
     LayersOpt,
     ModelArg,
     ModelKwargsOpt,
-    Output,
     PretrainedOpt,
     QuietOpt,
     SeHiddenOpt,
@@ -39,16 +42,14 @@ from ._common import (
     Variant,
     VariantOpt,
     WeightSet,
-    compare,
-    example_inputs,
-    fmt_diff,
     kwargs_value,
-    load_model,
     make_config,
-    num_params,
+)
+from ._output import (
+    Output,
+    fmt_diff,
     size_text,
     titled,
-    within,
 )
 
 EPILOG = """[bold]Examples[/]
@@ -145,22 +146,22 @@ def convert(
     params_before = num_params(net)
     with out.status("converting"):
         localify.localify(net, plan=plan, config=config)
+        plan = localify.conversion_plan(net)
     params_after = num_params(net)
 
     result = None
     if original is not None:
         with out.status(f"checking outputs at {size_text(plan.input_size)}"):
-            args, kw = example_inputs(original)
-            diff, scale = compare(original, net, args, kw)
-        preserving = config.variant in PRESERVING
-        ok = within(diff, scale, TOLERANCE) if preserving else None
-        result = {"input_size": plan.input_size, "max_abs_diff": diff, "output_scale": scale,
-                  "preserving": preserving, "ok": ok}
+            check = localify.compare_outputs(original, net)
+        preserving = config.preserves_function
+        ok = check.ok if preserving else None
+        result = {"input_size": plan.input_size, "max_abs_diff": check.max_abs_diff,
+                  "output_scale": check.output_scale, "preserving": preserving, "ok": ok}
         if preserving and not ok:
             raise CheckFailedError(
-                f"output check failed: max |diff| {diff:.3e} at {size_text(plan.input_size)} exceeds "
-                f"{TOLERANCE:g} x output scale {scale:.3e} for the function-preserving variant "
-                f"{config.variant!r}; nothing was saved (--no-check saves anyway)"
+                f"output check failed: max |diff| {check.max_abs_diff:.3e} at {size_text(plan.input_size)} "
+                f"exceeds {check.tolerance:g} x output scale {check.output_scale:.3e} for the function-preserving "
+                f"variant {config.variant!r}; nothing was saved (--no-check saves anyway)"
             )
     with out.status(f"saving {output}"):
         path = localify.save(net, output, weights=weights.value, force=force)
@@ -190,7 +191,7 @@ def convert(
 def _site_row(s: localify.MLPSite) -> dict:
     if not s.selected:
         result = "not selected"
-    elif s.status == "localified":
+    elif s.status == localify.SiteStatus.LOCALIFIED:
         result = "converted"
     else:
         result = "skipped"

@@ -11,7 +11,11 @@ import typer
 
 import localify
 
-from ._common import (
+from ._models import (
+    is_saved_path,
+    load_model,
+)
+from ._options import (
     OUTPUT_PANEL,
     Act,
     ActOpt,
@@ -22,17 +26,17 @@ from ._common import (
     KernelOpt,
     LayersOpt,
     ModelKwargsOpt,
-    Output,
     PretrainedOpt,
     QuietOpt,
     SeHiddenOpt,
     SeReductionOpt,
     Variant,
     VariantOpt,
-    is_saved_path,
     kwargs_value,
-    load_model,
     make_config,
+)
+from ._output import (
+    Output,
 )
 
 EPILOG = """[bold]Examples[/]

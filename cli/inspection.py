@@ -12,18 +12,22 @@ from rich.text import Text
 
 import localify
 
-from ._common import (
+from ._models import (
+    load_model,
+)
+from ._options import (
     CheckpointOpt,
     JsonOpt,
     LayersOpt,
     ModelArg,
     ModelKwargsOpt,
-    Output,
     PretrainedOpt,
     QuietOpt,
     kwargs_value,
     layers_value,
-    load_model,
+)
+from ._output import (
+    Output,
     size_text,
     titled,
 )

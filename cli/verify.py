@@ -16,21 +16,25 @@ from torch import nn
 import localify
 from localify.errors import SavedModelError
 
-from ._common import (
+from ._errors import (
+    CheckFailedError,
+    one_line,
+)
+from ._models import (
+    is_saved_path,
+    load_model,
+)
+from ._options import (
     OUTPUT_PANEL,
-    PRESERVING,
-    TOLERANCE,
     Act,
     ActOpt,
     AttentionOpt,
-    CheckFailedError,
     CheckpointOpt,
     EcaKernelOpt,
     JsonOpt,
     KernelOpt,
     LayersOpt,
     ModelKwargsOpt,
-    Output,
     PretrainedOpt,
     QuietOpt,
     SeHiddenOpt,
@@ -39,19 +43,15 @@ from ._common import (
     TolOpt,
     Variant,
     VariantOpt,
-    compare,
-    example_inputs,
-    fmt_diff,
-    is_saved_path,
     kwargs_value,
-    load_model,
     make_config,
-    max_difference,
-    one_line,
-    size_text,
     sizes_value,
+)
+from ._output import (
+    Output,
+    fmt_diff,
+    size_text,
     titled,
-    within,
 )
 
 EPILOG = """[bold]Examples[/]
@@ -93,7 +93,7 @@ def verify(
     se_reduction: SeReductionOpt = None,
     eca_kernel: EcaKernelOpt = None,
     size: SizeOpt = None,
-    tol: TolOpt = TOLERANCE,
+    tol: TolOpt = 1e-4,
     export: ExportOpt = True,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -129,7 +129,7 @@ def verify(
         original, converted, plan, info = _from_model(target, kwargs_value(model_kwargs), checkpoint, pretrained, config, out)
         variant_name = config.variant
 
-    preserving = variant_name in PRESERVING
+    preserving = localify.get_variant(variant_name).preserves_function
     traced = plan.input_size
     sizes = sizes or [s for s in (traced, plan.second_size) if s]
     rows: list[dict] = []
@@ -167,7 +167,8 @@ def _from_model(text: str, kwargs: dict, checkpoint, pretrained: bool, config: l
     original = copy.deepcopy(loaded.model)
     with out.status("converting"):
         converted = localify.localify(loaded.model, plan=plan, config=config)
-    blocks = sorted({s.block for s in plan.sites if s.status == "localified"})
+    plan = localify.conversion_plan(converted)
+    blocks = sorted({s.block for s in plan.sites if s.status == localify.SiteStatus.LOCALIFIED})
     info = {"target": text, "kind": "model", "source": loaded.resolved, "weights": loaded.weights,
             "converted_blocks": blocks}
     return original, converted, plan, info
@@ -182,8 +183,9 @@ def _from_file(path: str, checkpoint, out: Output):
     with out.status(f"rebuilding the base model {src.describe()}"):
         torch.manual_seed(0)
         original = localify.create_model(src).eval()
-        if variant in PRESERVING:
-            localify.load_checkpoint(original, base_weights(converted))
+        base = localify.base_state_dict(converted)
+        if base is not None:
+            localify.load_checkpoint(original, base)
     with out.status(f"tracing {type(original).__name__}"):
         plan = localify.find_mlps(original)
     info = {"target": path, "kind": "saved", "source": src.describe(),
@@ -191,22 +193,6 @@ def _from_file(path: str, checkpoint, out: Output):
             "weights": recipe.get("weights", "all"), "fused": bool(recipe.get("fused")),
             "converted_blocks": sorted({s["block"] for s in recipe["sites"]})}
     return original, converted, variant, plan, info
-
-
-def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the unconverted model inside a dwconv / residual conversion: every LocalityLinear
-    ``P`` contributes its wrapped projection ``P.linear.*`` as ``P.*`` and drops its depth-wise conv."""
-    wrappers = [n for n, m in model.named_modules() if isinstance(m, localify.LocalityLinear)]
-    state = {}
-    for key, value in model.state_dict().items():
-        owner = next((w for w in wrappers if key.startswith(w + ".")), None)
-        if owner is not None:
-            rest = key[len(owner) + 1:]
-            if not rest.startswith("linear."):
-                continue  # dwconv and other localify additions
-            key = f"{owner}.{rest[len('linear.'):]}"
-        state[key] = value
-    return state
 
 
 def _row(check: str, size: Any, diff: float | None = None, scale: float | None = None, ok: bool | None = None,
@@ -218,26 +204,24 @@ def _row(check: str, size: Any, diff: float | None = None, scale: float | None =
 def _output_check(original: nn.Module, converted: nn.Module, size, traced, preserving: bool, variant: str,
                   tol: float) -> dict:
     try:
-        args, kw = example_inputs(original, size, traced)
-        diff, scale = compare(original, converted, args, kw)
+        check = localify.compare_outputs(original, converted, size=size, tol=tol)
     except Exception as e:  # noqa: BLE001 - a size the model refuses is a failed check, with its reason
         return _row("outputs vs original", size, ok=False, note=f"{type(e).__name__}: {one_line(e)[:200]}")
     if not preserving:
-        return _row("outputs vs original", size, diff, scale, None,
+        return _row("outputs vs original", size, check.max_abs_diff, check.output_scale, None,
                     f"expected: variant {variant} is not function-preserving")
-    return _row("outputs vs original", size, diff, scale, within(diff, scale, tol))
+    return _row("outputs vs original", size, check.max_abs_diff, check.output_scale, check.ok)
 
 
 def _export_check(original: nn.Module, converted: nn.Module, traced, tol: float) -> dict:
     try:
-        args, kw = example_inputs(original, traced, traced)
-        program = torch.export.export(converted, args, kw, strict=False)
-        with torch.no_grad():
-            diff, scale = max_difference(converted(*args, **kw), program.module()(*args, **kw))
+        ex = localify.example_inputs(original, traced)
+        program = torch.export.export(converted, ex.args, ex.kwargs, strict=False)
+        check = localify.compare_outputs(converted, program.module(), ex, tol=tol)
     except Exception as e:  # noqa: BLE001
         return _row("export vs eager", traced, ok=False,
                     note=f"export failed: {type(e).__name__}: {one_line(e)[:200]}")
-    return _row("export vs eager", traced, diff, scale, within(diff, scale, tol))
+    return _row("export vs eager", traced, check.max_abs_diff, check.output_scale, check.ok)
 
 
 def _table(info: dict, rows: list[dict], tol: float) -> Group:
@@ -263,11 +247,4 @@ def _table(info: dict, rows: list[dict], tol: float) -> Group:
 
 
 def _blocks(blocks: list[int]) -> str:
-    if not blocks:
-        return "none"
-    runs, start = [], blocks[0]
-    for a, b in zip(blocks, blocks[1:] + [None]):
-        if b != a + 1:
-            runs.append(f"{start}-{a}" if a != start else str(a))
-            start = b
-    return ",".join(runs)
+    return localify.format_ranges(blocks) if blocks else "none"

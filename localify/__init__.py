@@ -12,7 +12,7 @@ Example::
     model = localify.localify(model, layers="1-4") # the same object back, converted
 """
 
-from ._config import LocalifyConfig
+from ._compare import OutputCheck, base_state_dict, compare_outputs, example_inputs, max_difference
 from ._convert import conversion_plan, fuse, localify
 from ._distributed import AllReduceBatchNorm, sync_batchnorm
 from ._export import ExportError, OnnxExport, export_onnx
@@ -20,9 +20,9 @@ from ._grid import GridSpec
 from ._io import load, load_checkpoint, read_recipe, save
 from ._peft import TrainableReport, mark_trainable
 from ._plan import Layout, MLPSite, Plan, SiteStatus, TokenLayout, find_mlps
-from ._select import parse_layers
-from ._sources import ModelSource, create_model
-from ._variants import Variant, get_variant, register_variant, variant_names
+from ._select import format_ranges, parse_layers
+from ._sources import BuiltModel, ModelSource, build_model, create_model
+from ._variants import LocalifyConfig, Variant, get_variant, register_variant, variant_names
 from .errors import (
     AlreadyLocalifiedError,
     CheckpointError,
@@ -46,13 +46,22 @@ __all__ = [
     "localify",
     "fuse",
     "conversion_plan",
+    "compare_outputs",
+    "OutputCheck",
+    "max_difference",
+    "example_inputs",
+    "ExampleInputs",
+    "base_state_dict",
     "find_mlps",
     "parse_layers",
+    "format_ranges",
     "save",
     "load",
     "load_checkpoint",
     "read_recipe",
     "create_model",
+    "build_model",
+    "BuiltModel",
     "mark_trainable",
     "TrainableReport",
     "export_onnx",

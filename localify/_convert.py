@@ -8,11 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from ._config import LocalifyConfig
 from ._plan import LOCALIFIED, UNSUPPORTED, MLPSite, Plan, build_plan
 from ._sources import get_source, infer_timm_source, set_source
-from ._splice import SiteRecord, get_state, localify_modules, set_submodule, splice
-from ._variants import get_variant
+from ._splice import get_state, localify_modules, set_submodule, splice
+from ._variants import LocalifyConfig, get_variant
 from .errors import AlreadyLocalifiedError, ConfigError, FuseError, NotLocalifiableError
 
 __all__ = ["localify", "fuse", "conversion_plan"]
@@ -72,9 +71,7 @@ def localify(
             f"the same variant and options, or start from the base model")
     plan = (plan or build_plan(model, example_inputs)).select(config.layers)  # a copy: the caller's is kept
     targets = _targets(plan, config)
-    records = [SiteRecord(s.block, get_variant(config.variant).site_kind, s.path, list(s.fc1), s.fc2,
-                          s.tokens.prefix, s.tokens.suffix, str(s.tokens.layout), s.tokens.source.to_dict())
-               for s in targets]
+    records = [s.record(get_variant(config.variant).site_kind) for s in targets]
     source = None if get_source(model) is not None else infer_timm_source(model)
     state = splice(model, config, records)
     if source is not None:

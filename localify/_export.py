@@ -28,7 +28,7 @@ from torch import nn
 from ._convert import fuse as fuse_model
 from ._grid import watch_grids
 from ._splice import get_state, localify_modules
-from ._trace import ExampleInputs, accepts_kwarg, eval_mode, make_example_inputs
+from ._trace import ExampleInputs, eval_mode, make_example_inputs
 from .errors import LocalifyError, first_line
 
 __all__ = ["export_onnx", "OnnxExport", "ExportError", "dynamic_shapes_for"]
@@ -254,9 +254,7 @@ def export_onnx(
         patch = None
         if dynamic in (True, "auto"):
             plain = example
-            if accepts_kwarg(target, "interpolate_pos_encoding") and "interpolate_pos_encoding" not in example.kwargs:
-                example = ExampleInputs(example.args, {**example.kwargs, "interpolate_pos_encoding": True},
-                                        example.image_key)
+            example = example.any_size(target)
             patch, why = _patch_size(target, example)
             if patch is not None:
                 # trace at a non-square size other than the model's own: code such as Hugging Face's

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._config import LocalifyConfig
 from ._convert import fuse
+from ._plan import SiteRecord
 from ._sources import ModelSource, create_model, get_source, set_source
-from ._splice import SiteRecord, get_state, localify_modules, locality_keys, splice
+from ._splice import get_state, localify_modules, locality_keys, splice
+from ._variants import LocalifyConfig
 from .errors import CheckpointError, SavedModelError, first_line
 
 __all__ = ["save", "load", "load_checkpoint", "read_recipe", "FORMAT_VERSION"]

@@ -21,11 +21,11 @@ from ._match import MLPMatch, match_mlps
 from ._ops import GraphIndex, module_stack, op_name, owner
 from ._select import parse_layers
 from ._tokens import NoGrid, Origin, TokenGrid, TokenWalker, token_layout
-from ._trace import CallRecord, accepts_kwarg, eval_mode, make_example_inputs, record_calls, trace_model
+from ._trace import CallRecord, eval_mode, make_example_inputs, record_calls, trace_model
 from .errors import NoMLPFoundError
 from .layers import LocalifyModule
 
-__all__ = ["SiteStatus", "Layout", "TokenLayout", "MLPSite", "Plan", "find_mlps", "build_plan"]
+__all__ = ["SiteStatus", "Layout", "TokenLayout", "SiteRecord", "MLPSite", "Plan", "find_mlps", "build_plan"]
 
 
 class SiteStatus(str, Enum):
@@ -76,6 +76,21 @@ class TokenLayout:
 
 
 @dataclass
+class SiteRecord:
+    """What was done to one MLP: enough to replay the conversion on a fresh copy of the base model."""
+
+    block: int
+    kind: str  # the variant's site_kind: "fc1" (first projection(s) wrapped) or "mlp" (the MLP replaced)
+    path: str  # the MLP module path
+    fc1: list[str]
+    fc2: str
+    prefix: int
+    suffix: int
+    layout: str
+    grid: dict  # GridSpec.to_dict()
+
+
+@dataclass
 class MLPSite:
     """One transformer MLP of the model."""
 
@@ -97,6 +112,12 @@ class MLPSite:
     @property
     def convertible(self) -> bool:
         return self.status == CONVERTIBLE
+
+    def record(self, kind: str) -> SiteRecord:
+        """The record of converting this site (``kind`` is the variant's ``site_kind``)."""
+        t = self.tokens
+        return SiteRecord(self.block, kind, self.path, list(self.fc1), self.fc2, t.prefix, t.suffix, str(t.layout),
+                          t.source.to_dict())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -346,11 +367,8 @@ def _number_blocks(sites: list[MLPSite]) -> None:
 
 def _probe(model: nn.Module, example, size: tuple[int, int]) -> list[CallRecord] | None:
     """Run the original model once at another size, recording module calls; None if it refuses."""
-    extra = {}
-    if accepts_kwarg(model, "interpolate_pos_encoding") and "interpolate_pos_encoding" not in example.kwargs:
-        extra["interpolate_pos_encoding"] = True
     try:
-        ex2 = example.resized(size, extra)
+        ex2 = example.at_size(model, size)
     except Exception:
         return None
     calls: list[CallRecord] = []

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelSourceError, first_line
 
-__all__ = ["ModelSource", "create_model", "resolve_timm_name", "get_source", "set_source"]
+__all__ = ["ModelSource", "BuiltModel", "build_model", "create_model", "resolve_timm_name", "get_source", "set_source"]
 
 SOURCE_ATTR = "_localify_source"
 
@@ -270,3 +270,58 @@ def _call_factory(spec: str, kwargs: dict) -> nn.Module:
         raise ModelSourceError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
+
+
+@dataclass
+class BuiltModel:
+    """A base model built from a source, and where its weights came from."""
+
+    model: nn.Module
+    source: ModelSource
+    weights: str  # in words: "random init (...)", "pretrained weights", "checkpoint FILE", ...
+
+
+def build_model(source: str | ModelSource, *, pretrained: bool | str = False,
+                checkpoint_path: str | os.PathLike | None = None, **kwargs: Any) -> BuiltModel:
+    """:func:`create_model` that also says where the weights came from, with the command line's policy.
+
+    ``pretrained="auto"``: a Hugging Face model gets the weights stored with its config (directory or local
+    cache) when there are any and random weights otherwise; other sources get random weights. A string that
+    names an existing path (not ``hf:``) is refused with what to pass instead. The model is in eval mode.
+    """
+    if isinstance(source, str) and not source.startswith("hf:") and ":" not in source and Path(source).exists():
+        hint = (f"a Hugging Face model directory is given as hf:{source}" if (Path(source) / "config.json").exists()
+                else f"a saved localify model is loaded with localify.load({source!r}) or 'localify verify'")
+        raise ModelSourceError(f"{source!r} is a path, not a model name; {hint}")
+    src = source if isinstance(source, ModelSource) else parse_source(source, kwargs)
+    if pretrained == "auto" and src.kind == "hf" and checkpoint_path is None:
+        model, weights = _hf_auto(src)
+    else:
+        pretrained = pretrained is True
+        model = create_model(src, pretrained=pretrained, checkpoint_path=checkpoint_path)
+        weights = _weights_text(src, pretrained, checkpoint_path)
+    return BuiltModel(model.eval(), src, weights)
+
+
+def _hf_auto(src: ModelSource) -> tuple[nn.Module, str]:
+    """An ``hf:`` model with the weights stored with its config, or random weights if there are none."""
+    has_weights = hf_has_weights(src.name)  # None for a hub id: only loading tells
+    if has_weights is False:
+        return create_model(src), f"random init ({src.name} holds a config but no weights)"
+    try:
+        return create_model(src, pretrained=True), f"Hugging Face weights from {src.name}"
+    except CheckpointError:
+        if has_weights:  # a directory whose weights do not load
+            raise
+        return create_model(src), f"random init (no weights for {src.name} in the local cache)"
+
+
+def _weights_text(src: ModelSource, pretrained: bool, checkpoint: Any) -> str:
+    parts = []
+    if pretrained:
+        parts.append("Hugging Face weights from " + src.name if src.kind == "hf" else "pretrained weights")
+    if checkpoint is not None:
+        parts.append(f"checkpoint {checkpoint}")
+    if not parts:
+        return "random init (pass --pretrained or --checkpoint FILE for pretrained weights)"
+    return ", then ".join(parts)

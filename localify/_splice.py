@@ -11,30 +11,15 @@ from typing import Any
 
 from torch import nn
 
-from ._config import LocalifyConfig
 from ._grid import GridSource, GridSpec
-from ._variants import get_variant
+from ._plan import SiteRecord
+from ._variants import LocalifyConfig, get_variant
 from .layers import LocalifyModule
 
-__all__ = ["SiteRecord", "LocalifyState", "get_state", "splice", "set_submodule", "localify_modules",
+__all__ = ["LocalifyState", "get_state", "splice", "set_submodule", "localify_modules",
            "locality_keys"]
 
 STATE_ATTR = "_localify_state"
-
-
-@dataclass
-class SiteRecord:
-    """What was done to one MLP: enough to replay the conversion on a fresh copy of the base model."""
-
-    block: int
-    kind: str  # the variant's site_kind: "fc1" (first projection(s) wrapped) or "mlp" (the MLP replaced)
-    path: str  # the MLP module path
-    fc1: list[str]
-    fc2: str
-    prefix: int
-    suffix: int
-    layout: str
-    grid: dict  # GridSpec.to_dict()
 
 
 @dataclass

@@ -39,6 +39,20 @@ class ExampleInputs:
             return None
         return pytree.key_get((self.args, self.kwargs), self.image_key)
 
+    def any_size(self, model: nn.Module) -> ExampleInputs:
+        """The same call, asking a model that takes ``interpolate_pos_encoding`` (Hugging Face ViTs) to accept
+        any input size: the one rule for running a model at another size than its configured one."""
+        if not accepts_kwarg(model, "interpolate_pos_encoding") or "interpolate_pos_encoding" in self.kwargs:
+            return self
+        return ExampleInputs(self.args, {**self.kwargs, "interpolate_pos_encoding": True}, self.image_key)
+
+    def at_size(self, model: nn.Module, size: tuple[int, int]) -> ExampleInputs:
+        """The call at image ``size`` (random pixels), with :meth:`any_size` applied when the size changes."""
+        img = self.image
+        if img is not None and tuple(img.shape[-2:]) == tuple(size):
+            return self
+        return self.any_size(model).resized(size)
+
     def resized(self, size: tuple[int, int], extra_kwargs: dict | None = None) -> ExampleInputs:
         """The same call with the image replaced by a random one of spatial ``size``."""
         img = self.image
