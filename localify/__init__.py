@@ -18,7 +18,7 @@ from ._distributed import AllReduceBatchNorm, sync_batchnorm
 from ._export import ExportError, OnnxExport, export_onnx
 from ._grid import GridSpec
 from ._io import load, load_checkpoint, read_recipe, save
-from ._peft import TrainableReport, mark_trainable
+from ._peft import TrainableReport, lora_targets, mark_trainable
 from ._plan import Layout, MLPSite, Plan, SiteStatus, TokenLayout, find_mlps
 from ._select import format_ranges, parse_layers
 from ._sources import BuiltModel, ModelSource, build_model, create_model
@@ -63,6 +63,7 @@ __all__ = [
     "build_model",
     "BuiltModel",
     "mark_trainable",
+    "lora_targets",
     "TrainableReport",
     "export_onnx",
     "OnnxExport",

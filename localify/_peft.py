@@ -1,4 +1,5 @@
-"""Parameter-efficient retrofit: train only what localify added (optionally with the classifier head).
+"""Parameter-efficient retrofit: train only what localify added (optionally with the classifier head), or add
+LoRA with PEFT (:func:`lora_targets` points PEFT at the layers it can wrap and merge exactly).
 
 :func:`mark_trainable` freezes a converted model except its new locality parameters (the depth-wise kernels
 of ``dwconv`` / ``residual`` blocks, the whole ``localvit`` blocks) and, with ``head=True``, the classifier.
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ._splice import locality_keys
+from ._splice import localify_modules, locality_keys
 from .errors import ConfigError
 
-__all__ = ["mark_trainable", "TrainableReport", "find_classifier", "locality_parameter_names"]
+__all__ = ["mark_trainable", "lora_targets", "TrainableReport", "find_classifier", "locality_parameter_names"]
 
 MODES = ("locality", "all")
 # top-level attributes that hold the classification head in Hugging Face and common user models
@@ -157,3 +158,39 @@ def mark_trainable(model: nn.Module, which: str = "locality", head: bool | str |
     for n, p in model.named_parameters():
         p.requires_grad_(n in names or any(n.startswith(h + ".") for h in heads))
     return TrainableReport.of(model, "locality", heads)
+
+
+def lora_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """``target_modules`` for PEFT's ``LoraConfig`` on a converted model: each name (matched as PEFT matches
+    it, the full module path or its last parts) that lands on a localify module is redirected to the original
+    layer it wraps (``fc1`` -> ``fc1.linear``), where LoRA is exact to merge; other names pass unchanged.
+
+    PEFT cannot wrap a ``LocalityLinear`` itself, and a LoRA branch around it would bypass the depth-wise conv,
+    so that ``merge_and_unload()`` could not reproduce it. Inside, ``merge_and_unload()`` folds the adapter
+    into the original projection and the converted model is exactly what was trained.
+
+    Raises:
+        ConfigError: a name lands on a localify module that keeps no original layer (``localvit`` blocks:
+            target their own ``fc1`` / ``fc2`` Linears by full name instead).
+
+    Example::
+
+        >>> cfg = peft.LoraConfig(r=8, target_modules=localify.lora_targets(model, ["qkv", "fc1", "fc2"]))
+        >>> model = peft.get_peft_model(model, cfg)
+    """
+    wrappers = {n: m for n, m in localify_modules(model)}
+    out: list[str] = []
+    for target in names:
+        hits = [n for n in wrappers if n == target or n.endswith("." + target)]
+        if not hits:
+            out.append(target)
+            continue
+        for n in hits:
+            base = wrappers[n].get_base_layer()
+            inner = next((c for c, m in wrappers[n].named_children() if m is base), None)
+            if inner is None:
+                raise ConfigError(f"LoRA target {target!r} is the localify block {n} ({type(wrappers[n]).__name__}), "
+                                  f"which replaced the original layer; target its own projections by full name "
+                                  f"(e.g. '{n}.fc1')")
+            out.append(f"{target}.{inner}")
+    return list(dict.fromkeys(out))
