@@ -121,11 +121,13 @@ def _targets(plan: Plan, config: LocalifyConfig) -> list[MLPSite]:
 
 
 def _kernel_too_large(site: MLPSite, kernel_size: int) -> str | None:
+    """A kernel whose outer taps lie outside the grid from every cell (k // 2 >= the grid's longer side)."""
     grid = site.tokens.grid if site.tokens is not None else None
-    if grid is None or kernel_size <= max(grid):
+    top = 2 * max(grid) - 1 if grid is not None else kernel_size
+    if kernel_size <= top:
         return None
-    return (f"kernel_size {kernel_size} is larger than this block's {grid[0]}x{grid[1]} grid (at the traced size): "
-            f"every extra tap would only ever see padding; use a kernel of at most {max(grid)}")
+    return (f"kernel_size {kernel_size} is larger than this block's {grid[0]}x{grid[1]} grid (at the traced size) "
+            f"allows: its outer taps would only ever see padding; use a kernel of at most {top}")
 
 
 def fuse(model: nn.Module) -> nn.Module:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,7 +90,7 @@ class Trace:
     calls: list[CallRecord]
     example: ExampleInputs
     batch: int
-    tracer: str = "torch.export"  # the tracer that produced ``graph``
+    tracer: str = "torch.export"  # the tracer that produced ``graph`` (EXPORT or DRAFT_EXPORT)
 
 
 def _find_image_key(args: tuple, kwargs: dict) -> tuple | None:
@@ -247,18 +249,40 @@ def record_calls(model: nn.Module, calls: list[CallRecord]) -> Iterator[None]:
             h.remove()
 
 
+EXPORT = "torch.export"
+DRAFT_EXPORT = "torch.export.draft_export"  # what actually ran: data-dependent values taken from the example
+
+
 def trace_model(model: nn.Module, example: ExampleInputs) -> Trace:
-    """Export ``model`` once (``torch.export``, non-strict) in eval mode, recording module calls."""
+    """Trace ``model`` once in eval mode, recording module calls.
+
+    ``torch.export`` (non-strict) first. A model whose code depends on data (``if x.mean() > 0``, sizes read
+    from tensors: EoMT, Qwen2.5-VL's vision windows) makes export fail on a guard; it is then traced with
+    ``torch.export.draft_export``, which runs the example for real and records the branches and sizes it took.
+    That graph is valid for the example's size, which is all the analysis needs; ``Trace.tracer`` says which
+    tracer was used."""
     calls: list[CallRecord] = []
-    try:
-        with eval_mode(model), record_calls(model, calls), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(model, example.args, example.kwargs, strict=False)
-    except Exception as e:  # the tracer's own reason is the useful part
+    program, tracer, errors = None, EXPORT, []
+    for name, fn in ((EXPORT, torch.export.export), (DRAFT_EXPORT, getattr(torch.export, "draft_export", None))):
+        if fn is None:
+            continue
+        tracer = name
+        calls.clear()
+        try:
+            with eval_mode(model), record_calls(model, calls), warnings.catch_warnings(), _quiet_torch_logs():
+                warnings.simplefilter("ignore")
+                program = fn(model, example.args, example.kwargs, strict=False)
+            break
+        except Exception as e:  # the tracer's own reason is the useful part
+            errors.append(e)
+    if program is None:
+        e = errors[0]
+        also = (f" (draft_export, which follows what actually runs, failed too: {type(errors[1]).__name__}: "
+                f"{first_line(errors[1], 200)})" if len(errors) > 1 else "")
         raise TraceError(
             f"torch.export could not trace {type(model).__name__} with the example inputs "
-            f"({_describe(example)}): {type(e).__name__}: {first_line(e)}. Pass example_inputs= matching the "
-            f"model's forward (a tensor, a tuple, or a dict such as {{'pixel_values': x}})."
+            f"({_describe(example)}): {type(e).__name__}: {first_line(e)}{also}. Pass example_inputs= matching "
+            f"the model's forward (a tensor, a tuple, or a dict such as {{'pixel_values': x}})."
         ) from e
     sig = program.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
@@ -267,7 +291,24 @@ def trace_model(model: nn.Module, example: ExampleInputs) -> Trace:
     img = example.image
     if img is not None:
         batch = int(img.shape[0])
-    return Trace(program, program.graph, names, set(sig.user_inputs), calls, example, batch)
+    return Trace(program, program.graph, names, set(sig.user_inputs), calls, example, batch, tracer)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Keep torch's own reports quiet while tracing (the library never prints): a failing export prints its
+    graph to stderr, draft_export reports what it specialised through torch's loggers."""
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch.fx.experimental.symbolic_shapes",
+                                               "torch._export", "torch._subclasses.fake_tensor")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _describe(example: ExampleInputs) -> str:

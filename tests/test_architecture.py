@@ -141,8 +141,9 @@ def test_booleans_and_floats_are_not_ints(bad: dict) -> None:
 
 
 def test_a_kernel_larger_than_the_grid_is_refused_with_the_sizes() -> None:
-    with pytest.raises(localify.NotLocalifiableError, match=r"kernel_size 7 is larger than .* 4x4 grid"):
-        localify.localify(_deit(), layers="1", kernel_size=7)
+    with pytest.raises(localify.NotLocalifiableError, match=r"kernel_size 9 is larger than .* 4x4 grid .* at most 7"):
+        localify.localify(_deit(), layers="1", kernel_size=9)
+    localify.localify(_deit(), layers="1", kernel_size=7)
 
 
 # --------------------------------------------------------------------------------------------------- PEFT
