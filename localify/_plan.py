@@ -140,6 +140,7 @@ class Plan:
     second_size: tuple[int, int] | None = None  # size the run-time grid sources were validated at
     trace_seconds: float = 0.0
     tracer: str = "torch.export"  # which tracer produced the graph
+    input_note: str = ""  # how the example input was chosen when the model's config did not say
     trace: Any = field(default=None, repr=False, compare=False)  # the Trace the plan was built from
 
     def select(self, layers: Any) -> Plan:
@@ -163,11 +164,15 @@ class Plan:
             "layers": self.layers,
             "second_size": self.second_size,
             "tracer": self.tracer,
+            "input_note": self.input_note,
             "sites": [s.to_dict() for s in self.sites],
         }
 
     def __str__(self) -> str:
-        lines = [f"{self.model}: {len(self.sites)} MLP(s) in {self.num_blocks} block(s), input {self.input_size}"]
+        head = f"{self.model}: {len(self.sites)} MLP(s) in {self.num_blocks} block(s), input {self.input_size}"
+        if self.tracer != "torch.export":
+            head += f", traced with {self.tracer}"
+        lines = [head] + ([f"  ({self.input_note})"] if self.input_note else [])
         for s in self.sites:
             mark = "*" if s.selected and s.convertible else " "
             tok = s.tokens.describe() if s.tokens else "-"
@@ -231,6 +236,7 @@ def build_plan(model: nn.Module, example_inputs: Any = None) -> Plan:
         second_size=second if probe is not None else None,
         trace_seconds=time.perf_counter() - t0,
         tracer=trace.tracer,
+        input_note=example.note,
         trace=trace,
     )
 

@@ -34,6 +34,7 @@ class ExampleInputs:
     args: tuple
     kwargs: dict
     image_key: tuple | None = None  # pytree key path of the image tensor inside (args, kwargs)
+    note: str = ""  # how the inputs were chosen when the model's config did not say (shown in the plan)
 
     @property
     def image(self) -> torch.Tensor | None:
@@ -46,7 +47,7 @@ class ExampleInputs:
         any input size: the one rule for running a model at another size than its configured one."""
         if not accepts_kwarg(model, "interpolate_pos_encoding") or "interpolate_pos_encoding" in self.kwargs:
             return self
-        return ExampleInputs(self.args, {**self.kwargs, "interpolate_pos_encoding": True}, self.image_key)
+        return ExampleInputs(self.args, {**self.kwargs, "interpolate_pos_encoding": True}, self.image_key, self.note)
 
     def at_size(self, model: nn.Module, size: tuple[int, int]) -> ExampleInputs:
         """The call at image ``size`` (random pixels), with :meth:`any_size` applied when the size changes."""
@@ -65,7 +66,7 @@ class ExampleInputs:
         vals = [new if kp == self.image_key else v for kp, v in leaves]
         args, kwargs = pytree.tree_unflatten(vals, spec)
         kwargs = {**kwargs, **(extra_kwargs or {})}
-        return ExampleInputs(tuple(args), kwargs, self.image_key)
+        return ExampleInputs(tuple(args), kwargs, self.image_key, self.note)
 
 
 @dataclass
@@ -111,13 +112,50 @@ def _as_size(v: Any) -> tuple[int, int] | None:
     return None
 
 
+DEFAULT_SIZE = (224, 224)  # what the image processors of HF configs without image_size default to, near enough
+
+
 def _hf_config(model: nn.Module) -> Any | None:
     cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "to_dict"):
-        return None
-    if getattr(cfg, "image_size", None) is None and hasattr(cfg, "vision_config"):
+    if cfg is None or not hasattr(cfg, "to_dict") or not type(model).__module__.startswith("transformers"):
         return None
     return cfg
+
+
+def _image_param(model: nn.Module) -> str:
+    """The name of the forward parameter that takes the image (``pixel_values`` for Hugging Face models)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return "pixel_values"
+    return next((p for p in ("pixel_values", "pixel_values_videos", "x", "images", "image") if p in params),
+                params[0] if params else "pixel_values")
+
+
+def _required_params(model: nn.Module) -> list[str]:
+    """Forward parameters without a default value."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    return [n for n, p in sig.parameters.items() if p.default is p.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _built_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size a non-HF model was built for."""
+    for mod in model.modules():
+        size = _as_size(getattr(mod, "img_size", None))
+        if size is not None:
+            return size
+    src = getattr(model, "_localify_source", None)  # built by localify.create_model with img_size=
+    size = _as_size((getattr(src, "kwargs", None) or {}).get("img_size"))
+    if size is not None:
+        return size
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if isinstance(cfg, dict) and len(cfg.get("input_size") or ()) == 3:
+        return tuple(cfg["input_size"][1:])
+    return None
 
 
 def make_example_inputs(
@@ -127,8 +165,11 @@ def make_example_inputs(
 
     ``example_inputs`` may be a tensor, a tuple of positional arguments, a dict of keyword arguments, or a
     ``(args, kwargs)`` pair. Without it, the size comes from the model's own configuration: a Hugging Face
-    ``config.image_size`` / ``num_channels``, else an ``img_size`` attribute of the model or one of its
-    modules (timm's patch embeddings, most user-written ViTs), else timm's ``pretrained_cfg["input_size"]``.
+    ``config.image_size`` / ``num_channels`` (or its ``vision_config``'s; 224x224 when it has none, said in
+    ``note``), else an ``img_size`` attribute of the model or one of its modules (timm's patch embeddings,
+    most user-written ViTs), the ``img_size`` it was built with by ``localify.create_model``, else timm's
+    ``pretrained_cfg["input_size"]``. A forward that needs more than the image (video frames, tile ids) is an
+    :class:`ExampleInputError` naming the missing arguments.
     """
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
@@ -154,35 +195,38 @@ def make_example_inputs(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     cfg = _hf_config(model)
+    note = ""
     if cfg is not None:
-        size = _as_size(getattr(cfg, "image_size", None))
-        chans = getattr(cfg, "num_channels", 3)
+        vision = getattr(cfg, "vision_config", None) if getattr(cfg, "image_size", None) is None else None
+        size = _as_size(getattr(cfg, "image_size", None)) or _as_size(getattr(vision, "image_size", None))
+        chans = getattr(cfg, "num_channels", None) or getattr(vision, "num_channels", None) or 3
+        if size is None:
+            size = DEFAULT_SIZE
+            note = f"the config of {type(model).__name__} has no image_size: traced at 224x224"
+        image = _image_param(model)
+        where = image if image in ("pixel_values", "pixel_values_videos") else "pixel_values"
+        chans = chans if isinstance(chans, int) else 3
+    else:
+        size = _built_size(model)
+        chans = getattr(model, "in_chans", None) or 3
         if size is None:
             raise ExampleInputError(
-                f"{type(model).__name__} has a Hugging Face config without an image_size (found "
-                f"{getattr(cfg, 'image_size', None)!r}); pass example_inputs={{'pixel_values': tensor}}"
+                f"cannot tell which input {type(model).__name__} expects: it has no Hugging Face config, no "
+                f"img_size attribute and no timm pretrained_cfg; pass example_inputs=torch.randn(2, 3, H, W) "
+                f"(--input-size 3xHxW on the command line)"
             )
-        x = torch.randn(batch, chans, *size, device=device, dtype=dtype)
-        return ExampleInputs((), {"pixel_values": x}, (pytree.SequenceKey(1), pytree.MappingKey("pixel_values")))
-
-    size = None
-    for mod in model.modules():
-        size = _as_size(getattr(mod, "img_size", None))
-        if size is not None:
-            break
-    chans = getattr(model, "in_chans", None)
-    cfg_size = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if isinstance(cfg_size, dict) and "input_size" in cfg_size:
-        c, h, w = cfg_size["input_size"]
-        chans = chans or c
-        size = size or (h, w)
-    if size is None:
+        where = None
+    missing = [p for p in _required_params(model) if p != (where or _image_param(model))]
+    if missing:
         raise ExampleInputError(
-            f"cannot tell which input {type(model).__name__} expects: it has no Hugging Face config, no "
-            f"img_size attribute and no timm pretrained_cfg; pass example_inputs=torch.randn(2, 3, H, W)"
+            f"{type(model).__name__}.forward needs {', '.join(repr(m) for m in missing)} besides the image; "
+            f"localify builds only the image. Pass example_inputs={{...}} with every argument "
+            f"(--example-inputs FILE.safetensors on the command line)"
         )
-    x = torch.randn(batch, chans or 3, *size, device=device, dtype=dtype)
-    return ExampleInputs((x,), {}, (pytree.SequenceKey(0), pytree.SequenceKey(0)))
+    x = torch.randn(batch, chans, *size, device=device, dtype=dtype)
+    if where is not None:
+        return ExampleInputs((), {where: x}, (pytree.SequenceKey(1), pytree.MappingKey(where)), note)
+    return ExampleInputs((x,), {}, (pytree.SequenceKey(0), pytree.SequenceKey(0)), note)
 
 
 def accepts_kwarg(model: nn.Module, name: str) -> bool:
