@@ -15,6 +15,7 @@ from torch import nn
 
 from ._splice import localify_modules
 from ._trace import ExampleInputs, make_example_inputs
+from .errors import ExampleInputError
 
 __all__ = ["TOLERANCE", "OutputCheck", "max_difference", "compare_outputs", "example_inputs", "base_state_dict"]
 
@@ -60,11 +61,17 @@ def max_difference(reference: Any, other: Any) -> tuple[float, float]:
     return diff, scale
 
 
-def example_inputs(model: nn.Module, size: tuple[int, int] | None = None,
-                   example: Any = None) -> ExampleInputs:
-    """The inputs localify traces ``model`` with (batch 2, built from its config unless ``example`` is
-    given), at image ``size`` when given (asking models that take ``interpolate_pos_encoding`` for it)."""
-    ex = make_example_inputs(model, example)
+def example_inputs(model: nn.Module, size: tuple[int, int] | None = None, example: Any = None, *,
+                   channels: int | None = None) -> ExampleInputs:
+    """The inputs localify traces ``model`` with: batch 2, built from its config unless ``example`` (a tensor,
+    tuple, dict or :class:`ExampleInputs`) is given, at image ``size`` when given (asking models that take
+    ``interpolate_pos_encoding`` for it), with ``channels`` image channels when given."""
+    try:
+        ex = make_example_inputs(model, example, size=size, channels=channels)
+    except ExampleInputError:
+        if size is None or example is not None:
+            raise
+        ex = make_example_inputs(model, torch.randn(2, channels or 3, *size))
     return ex if size is None else ex.at_size(model, tuple(size))
 
 

@@ -159,7 +159,8 @@ def _built_size(model: nn.Module) -> tuple[int, int] | None:
 
 
 def make_example_inputs(
-    model: nn.Module, example_inputs: Any = None, *, batch: int = EXAMPLE_BATCH
+    model: nn.Module, example_inputs: Any = None, *, batch: int = EXAMPLE_BATCH,
+    size: tuple[int, int] | None = None, channels: int | None = None,
 ) -> ExampleInputs:
     """Build (or normalise) the example inputs used to trace ``model``.
 
@@ -169,8 +170,11 @@ def make_example_inputs(
     ``note``), else an ``img_size`` attribute of the model or one of its modules (timm's patch embeddings,
     most user-written ViTs), the ``img_size`` it was built with by ``localify.create_model``, else timm's
     ``pretrained_cfg["input_size"]``. A forward that needs more than the image (video frames, tile ids) is an
-    :class:`ExampleInputError` naming the missing arguments.
+    :class:`ExampleInputError` naming the missing arguments. ``size`` and ``channels`` override what the
+    configuration says.
     """
+    if isinstance(example_inputs, ExampleInputs):
+        return example_inputs
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             args, kwargs = (example_inputs,), {}
@@ -198,17 +202,17 @@ def make_example_inputs(
     note = ""
     if cfg is not None:
         vision = getattr(cfg, "vision_config", None) if getattr(cfg, "image_size", None) is None else None
-        size = _as_size(getattr(cfg, "image_size", None)) or _as_size(getattr(vision, "image_size", None))
+        size = size or _as_size(getattr(cfg, "image_size", None)) or _as_size(getattr(vision, "image_size", None))
         chans = getattr(cfg, "num_channels", None) or getattr(vision, "num_channels", None) or 3
         if size is None:
             size = DEFAULT_SIZE
             note = f"the config of {type(model).__name__} has no image_size: traced at 224x224"
         image = _image_param(model)
         where = image if image in ("pixel_values", "pixel_values_videos") else "pixel_values"
-        chans = chans if isinstance(chans, int) else 3
+        chans = channels or (chans if isinstance(chans, int) else 3)
     else:
-        size = _built_size(model)
-        chans = getattr(model, "in_chans", None) or 3
+        size = size or _built_size(model)
+        chans = channels or getattr(model, "in_chans", None) or 3
         if size is None:
             raise ExampleInputError(
                 f"cannot tell which input {type(model).__name__} expects: it has no Hugging Face config, no "
