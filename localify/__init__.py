@@ -12,11 +12,12 @@ Example::
     model = localify.localify(model, layers="1-4") # the same object back, converted
 """
 
+from ._checkpoint import load_checkpoint
 from ._convert import LocalifyConfig, fuse, localify
 from ._distributed import AllReduceBatchNorm, sync_batchnorm
 from ._export import ExportError, OnnxExport, export_onnx
 from ._grid import GridSpec
-from ._io import load, load_checkpoint, read_recipe, save
+from ._io import load, read_recipe, save
 from ._locate import MLPSite, Plan, TokenLayout, find_mlps
 from ._peft import TrainableReport, mark_trainable
 from ._select import parse_layers
@@ -34,6 +35,7 @@ from .errors import (
     NotLocalifiableError,
     SavedModelError,
     TraceError,
+    UntrustedCodeError,
 )
 from .ffn import LocalViTFFN
 from .layers import LocalityLinear
@@ -77,5 +79,6 @@ __all__ = [
     "ModelSourceError",
     "CheckpointError",
     "SavedModelError",
+    "UntrustedCodeError",
     "__version__",
 ]

@@ -268,12 +268,14 @@ DEFAULTS = {"fused": False, "weights": "all"}
 
 
 # ------------------------------------------------------------------------------------------ validation
-def validate(recipe: Any, *, form: str, origin: str) -> dict:
+def validate(recipe: Any, *, form: str, origin: str,
+             hint: str = "the recipe is corrupt or was edited by hand: save the model again with localify.save",
+             ) -> dict:
     """Check a recipe field by field and the fields against each other; return it with defaults filled in.
 
     ``form`` is ``"file"`` (the recipe inside a ``.safetensors`` file's metadata) or ``"dir"`` (a directory's
     ``localify_recipe.json``, which must list every other file of the directory in ``files`` from format 2 on).
-    ``origin`` starts every message (the path, or ``cannot save PATH``).
+    ``origin`` starts every message (the path, or ``cannot save PATH``), ``hint`` ends it.
     """
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         what = f"format {recipe.get('format')!r}" if isinstance(recipe, dict) else f"a JSON {_json_type(recipe)}"
@@ -290,8 +292,7 @@ def validate(recipe: Any, *, form: str, origin: str) -> dict:
         RECIPE.check(recipe, "")
         _check_together(recipe, form)
     except _Bad as e:
-        raise SavedModelError(f"{origin}: {e}; the recipe is corrupt or was edited by hand: save the model again "
-                              f"with localify.save") from None
+        raise SavedModelError(f"{origin}: {e}; {hint}") from None
     return {**DEFAULTS, **recipe}
 
 
@@ -379,10 +380,11 @@ def _check_sites(sites: list, variant: str) -> None:
 
 
 def check_json_values(value: Any, where: str) -> None:
-    """Raise ``_Bad`` naming the first value that JSON cannot store exactly (an object, NaN, a non-str key)."""
+    """Raise ``_Bad`` naming the first value that JSON cannot store (an object, NaN, a key that is neither a
+    string nor an int: JSON writes int keys as strings, as Hugging Face configs' ``id2label`` expect)."""
     if isinstance(value, dict):
         for k, v in value.items():
-            if not isinstance(k, str):
+            if not isinstance(k, str) and not _is_int(k):
                 raise _Bad(where, f"expected string keys, got {_show(k)}")
             check_json_values(v, _join(where, k))
     elif isinstance(value, (list, tuple)):
