@@ -16,7 +16,8 @@ What a saved model guarantees:
   is an error naming it. (In the one-file form the safetensors header already fixes every tensor's name,
   dtype, shape and byte range, and the tensor digest covers the bytes.)
 * It rebuilds the same function: a source that localify inferred (not given by ``source=``) is checked at
-  save time by rebuilding the model from the recipe and comparing one forward.
+  save time by rebuilding the model from the recipe and comparing one forward (once per model and
+  conversion: later checkpoints of the same model skip it).
 * Writes are atomic, even under SIGKILL: everything is written inside one temp directory
   ``.NAME.localify-tmp-PID-XXXX`` next to the output (safetensors' own temp file included), fsynced, and
   moved over the output with one rename (``renameat2(RENAME_EXCHANGE)`` for a directory). A temp directory
@@ -64,6 +65,7 @@ FILE_SUFFIXES = (".safetensors", ".pt")
 HF_CONFIG_FILE = "config.json"
 V1_FILES = (RECIPE_FILE, WEIGHTS_FILE, HF_CONFIG_FILE)  # what a format-1 directory save could hold
 TMP_TAG = ".localify-tmp-"
+CHECKED_ATTR = "_localify_rebuild_checked"  # the recipe an inferred source was proven to rebuild
 _INFLIGHT: set[str] = set()  # names of the temp directories this process is writing now
 
 
@@ -159,7 +161,10 @@ def save(
     recipe = validate(json.loads(text), form="file", origin=origin,
                       hint="check source= and the model's conversion")  # exactly what load will check
     if source is None and src.inferred:
-        _check_rebuilds(model, src, recipe, path)
+        key = json.dumps([recipe[k] for k in ("base", "config", "sites", "fused")])
+        if getattr(model, CHECKED_ATTR, None) != key:  # checked once per model and conversion
+            _check_rebuilds(model, src, recipe, path)
+            object.__setattr__(model, CHECKED_ATTR, key)
 
     _remove_stale_temps(path)
     if path.suffix in FILE_SUFFIXES:

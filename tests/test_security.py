@@ -431,3 +431,24 @@ def test_save_uses_the_path_rule(tmp_path, saved) -> None:
     with pytest.raises(SavedModelError, match="f is a file, not a directory"):
         localify.save(model, tmp_path / "f" / "x.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_rebuild_check_runs_once_per_conversion(tmp_path, monkeypatch) -> None:
+    """Checkpoints of one model (a training loop) prove the inferred source once; a new conversion (fused)
+    is proven again."""
+    import timm
+
+    import localify._io as io
+
+    calls = []
+    real = io._check_rebuilds
+    monkeypatch.setattr(io, "_check_rebuilds", lambda *a: calls.append(a[3].name) or real(*a))
+    torch.manual_seed(0)
+    model = _convert(timm.create_model("test_vit"))
+    localify.save(model, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # training changes weights, not the function the source rebuilds
+    localify.save(model, tmp_path / "b.safetensors")
+    localify.fuse(model)
+    localify.save(model, tmp_path / "c.safetensors")
+    assert calls == ["a.safetensors", "c.safetensors"]
