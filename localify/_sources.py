@@ -14,6 +14,7 @@ import difflib
 import importlib
 import os
 import re
+import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from ._checkpoint import load_checkpoint
+from ._paths import file_kind
 from .errors import CheckpointError, ModelSourceError, SavedModelError, UntrustedCodeError, first_line
 
 __all__ = ["ModelSource", "create_model", "resolve_timm_name", "get_source", "set_source", "check_loadable"]
@@ -168,6 +170,7 @@ def _hf_source(path: str, kwargs: dict) -> ModelSource:
 
     if (path.startswith(("/", ".", "~")) or os.sep in path and path.count("/") > 1) and not Path(path).expanduser().exists():
         raise ModelSourceError(f"hf:{path}: no such directory")
+    _check_hf_files(path, ModelSourceError)
     try:
         cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as e:
@@ -290,6 +293,20 @@ def _short(kwargs: dict) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _check_hf_files(name: str, error: type[Exception]) -> None:
+    """Every file of a local Hugging Face directory is a regular file (transformers would block on a FIFO)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return
+    for f in sorted(path.iterdir()):
+        try:
+            mode = f.stat().st_mode
+        except OSError:
+            continue  # a dangling link: transformers reports what it misses
+        if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+            raise error(f"{f} is a {file_kind(mode)}, not a regular file; a Hugging Face directory holds files")
+
+
 def hf_has_weights(name: str) -> bool | None:
     """Whether a Hugging Face directory holds weight files; None for a hub id (only loading tells)."""
     path = Path(name).expanduser()
@@ -303,6 +320,7 @@ def _hf_pretrained(cls: type, cfg: Any, name: str) -> nn.Module:
 
     As with timm's ``num_classes``, a task head of another size (``num_labels`` overridden) is re-initialised;
     a backbone weight of another shape is an error."""
+    _check_hf_files(name, CheckpointError)
     if hf_has_weights(name) is False:
         raise CheckpointError(f"{name} holds a config but no weights (*.safetensors or *.bin)")
     where = name if Path(name).expanduser().is_dir() else f"the local cache for {name!r}"

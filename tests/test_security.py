@@ -452,3 +452,10 @@ def test_rebuild_check_runs_once_per_conversion(tmp_path, monkeypatch) -> None:
     localify.fuse(model)
     localify.save(model, tmp_path / "c.safetensors")
     assert calls == ["a.safetensors", "c.safetensors"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_in_a_hugging_face_directory(tmp_path) -> None:
+    os.mkfifo(tmp_path / "config.json")  # AutoConfig would wait for a writer forever
+    with pytest.raises(localify.ModelSourceError, match=r"config\.json is a FIFO"):
+        _within(20, localify.create_model, f"hf:{tmp_path}", unblock=tmp_path / "config.json")
