@@ -223,9 +223,12 @@ def _check_rebuilds(model: nn.Module, src: ModelSource, recipe: dict, path: Path
 
     how = ("from its parameter shapes (the timm architecture with default options)" if src.kind == "timm"
            else "from its config")
-    ask = (f"pass source= (a ModelSource with the options the model was built with, e.g. "
-           f"ModelSource('timm', {src.name!r}, {{'act_layer': 'relu'}}), or 'module:factory'), or build the "
-           f"model with localify.create_model()")
+    if src.kind == "timm":
+        ask = (f"pass source= (a ModelSource with the options the model was built with, e.g. "
+               f"ModelSource('timm', {src.name!r}, {{'act_layer': 'relu'}}), or 'module:factory'), or build the "
+               f"model with localify.create_model()")
+    else:
+        ask = "pass source= ('hf:PATH_OR_ID' it was built from, a ModelSource or 'module:factory')"
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(0)
         try:
@@ -251,7 +254,12 @@ def _check_rebuilds(model: nn.Module, src: ModelSource, recipe: dict, path: Path
             if not a.is_floating_point():
                 worst = worst or (None if torch.equal(a, b) else "other integer outputs")
                 continue
-            diff, scale = (a.double() - b.double()).abs().max().item(), a.double().abs().max().item()
+            a, b = a.double(), b.double()
+            if not torch.equal(a.isnan(), b.isnan()):
+                worst = "NaN in other places"
+                break
+            a, b = a.nan_to_num(0.0), b.nan_to_num(0.0)
+            diff, scale = (a - b).abs().max().item(), a.abs().max().item()
             if diff != 0 and not diff <= tol * scale:
                 worst = f"outputs differ by up to {diff:.3g} at output scale {scale:.3g}"
                 break
@@ -382,7 +390,7 @@ def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # not Linux / glibc
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
