@@ -119,6 +119,21 @@ SeReductionOpt = Annotated[int | None, typer.Option(
 EcaKernelOpt = Annotated[int | None, typer.Option(
     "--eca-kernel", min=1, rich_help_panel=CONVERSION_PANEL, help="localvit + eca: channel-conv kernel.",
 )]
+TrustCodeOpt = Annotated[bool, typer.Option(
+    "--trust-code", rich_help_panel=MODEL_PANEL,
+    help="Allow a saved file whose base model is 'module:factory' to import that module and call the function "
+         "(as transformers' trust_remote_code). Off: such a file is refused, naming the module.",
+)]
+InputSizeOpt = Annotated[str | None, typer.Option(
+    "--input-size", metavar="[CxHxW|HxW]", rich_help_panel=MODEL_PANEL,
+    help="The example image to trace with (batch 2): 3x224x224 or 224x224, for models whose config does not "
+         "tell.",
+)]
+ExampleInputsOpt = Annotated[Path | None, typer.Option(
+    "--example-inputs", metavar="FILE", rich_help_panel=MODEL_PANEL,
+    help="A .safetensors file holding the forward's arguments by name (pixel_values, ...; '0', '1' for "
+         "positional ones), for models that need more than an image (video frames, tile ids).",
+)]
 JsonOpt = Annotated[bool, typer.Option(
     "--json", rich_help_panel=OUTPUT_PANEL, help="Machine-readable JSON on stdout instead of tables.",
 )]
@@ -176,3 +191,44 @@ def make_config(layers: str, variant: Variant, kernel_size: int, act: Act, atten
     except localify.ConfigError as e:
         msg = str(e).replace("variant='localvit'", "--variant localvit").replace("kernel_size", "--kernel-size")
         raise typer.BadParameter(msg, param_hint="conversion options") from None
+
+
+def input_size_value(value: str | None) -> tuple[int | None, tuple[int, int]] | None:
+    """``3x224x224`` -> (3, (224, 224)); ``160x224`` -> (None, (160, 224))."""
+    if value is None:
+        return None
+    parts = value.lower().replace(" ", "").split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"{value!r} is not an input size; use CxHxW (3x224x224) or HxW (224x224)",
+                                 param_hint="'--input-size'")
+    nums = [int(p) for p in parts]
+    return (nums[0] if len(nums) == 3 else None), (nums[-2], nums[-1])
+
+
+def read_example_file(path: Path) -> dict:
+    """The forward arguments stored in a safetensors file: names as keyword arguments, digits as positions."""
+    try:
+        tensors = localify.load_tensors(path)
+    except localify.LocalifyError as e:
+        raise typer.BadParameter(str(e), param_hint="'--example-inputs'") from None
+    args = [tensors[k] for k in sorted((k for k in tensors if k.isdigit()), key=int)]
+    kwargs = {k: v for k, v in tensors.items() if not k.isdigit()}
+    return (tuple(args), kwargs)
+
+
+class InputSpec:
+    """What --input-size / --example-inputs ask for, turned into the library's example inputs for a model."""
+
+    def __init__(self, input_size: str | None, example_file: Path | None) -> None:
+        if input_size is not None and example_file is not None:
+            raise typer.BadParameter("give --input-size or --example-inputs, not both", param_hint="'--input-size'")
+        self.size = input_size_value(input_size)
+        self.example = read_example_file(example_file) if example_file is not None else None
+
+    def for_model(self, model) -> localify.ExampleInputs | None:
+        if self.example is not None:
+            return localify.example_inputs(model, example=self.example)
+        if self.size is not None:
+            channels, hw = self.size
+            return localify.example_inputs(model, size=hw, channels=channels)
+        return None

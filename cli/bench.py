@@ -23,6 +23,9 @@ from ._options import (
     AttentionOpt,
     CheckpointOpt,
     EcaKernelOpt,
+    ExampleInputsOpt,
+    InputSizeOpt,
+    InputSpec,
     JsonOpt,
     KernelOpt,
     LayersOpt,
@@ -84,6 +87,8 @@ def bench(
     eca_kernel: EcaKernelOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    input_size: InputSizeOpt = None,
+    example_inputs: ExampleInputsOpt = None,
 ) -> None:
     """Time the original and the converted MODEL (inference mode, CPU, the traced input size).
 
@@ -95,7 +100,8 @@ def bench(
     loaded = load_model(model, kwargs_value(model_kwargs), checkpoint, out, pretrained)
     batches = batch or [1]
     with out.status(f"tracing {type(loaded.model).__name__}"):
-        plan = localify.find_mlps(loaded.model, layers=config.layers)
+        example = InputSpec(input_size, example_inputs).for_model(loaded.model)
+        plan = localify.find_mlps(loaded.model, example, layers=config.layers)
     original = copy.deepcopy(loaded.model)
     converted = localify.localify(loaded.model, plan=plan, config=config)
     plan = localify.conversion_plan(converted)
@@ -109,7 +115,7 @@ def bench(
             task = bar.add_task("timing", total=len(batches) * rounds)
             for b in batches:
                 bar.update(task, description=f"batch {b}")
-                rows.append(_bench_batch(original, converted, b, rounds, lambda: bar.advance(task)))
+                rows.append(_bench_batch(original, converted, example, b, rounds, lambda: bar.advance(task)))
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(old_threads)
@@ -135,8 +141,8 @@ def _time(model: nn.Module, args: tuple, kwargs: dict, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def _bench_batch(original: nn.Module, converted: nn.Module, batch: int, rounds: int, step) -> dict:
-    ex = localify.example_inputs(original)
+def _bench_batch(original: nn.Module, converted: nn.Module, example, batch: int, rounds: int, step) -> dict:
+    ex = localify.example_inputs(original, example=example)
     args, kwargs = _rebatch(ex.args, batch), {k: _rebatch(v, batch) for k, v in ex.kwargs.items()}
     with torch.inference_mode():
         single = min(_time(m, args, kwargs, 1) for m in (original, converted, original, converted))  # warm-up

@@ -13,8 +13,6 @@ from rich.table import Table
 from rich.text import Text
 
 import localify
-from localify._io import RECIPE_FILE
-from localify.errors import SavedModelError
 
 from ._errors import (
     CheckFailedError,
@@ -30,6 +28,9 @@ from ._options import (
     AttentionOpt,
     CheckpointOpt,
     EcaKernelOpt,
+    ExampleInputsOpt,
+    InputSizeOpt,
+    InputSpec,
     JsonOpt,
     KernelOpt,
     LayersOpt,
@@ -65,8 +66,6 @@ EPILOG = """[bold]Examples[/]
   localify convert mymodels:t2t_vit_7 --model-kwargs '{"img_size": 224}' -o t2t_local.pt
 """
 
-FILE_SUFFIXES = (".pt", ".safetensors")
-
 OutputOpt = Annotated[Path, typer.Option(
     "--output", "-o", metavar="OUT", rich_help_panel=OUTPUT_PANEL, show_default=False,
     help="model.pt or model.safetensors (one file), or a directory (Hugging Face models: the "
@@ -83,24 +82,6 @@ CheckOpt = Annotated[bool, typer.Option(
     "--check/--no-check", rich_help_panel=OUTPUT_PANEL,
     help="Run the original and the converted model at the traced size and compare their outputs.",
 )]
-
-
-def check_output_path(path: Path, force: bool) -> None:
-    """Refuse an output that cannot be written, before any work is done (the save checks again)."""
-    if path.suffix and path.suffix not in FILE_SUFFIXES and not path.is_dir():
-        raise typer.BadParameter(
-            f"{str(path)!r}: write model.pt or model.safetensors (one file), or a directory (no suffix)",
-            param_hint="'--output'",
-        )
-    if path.exists() and not force:
-        raise SavedModelError(f"{path} already exists; pass --force to overwrite it")
-    if path.is_dir() and any(path.iterdir()) and not (path / RECIPE_FILE).exists():
-        # --force replaces the whole directory: only ever one that holds a saved model
-        raise SavedModelError(f"{path} is a directory that does not hold a model saved by localify; refusing to "
-                              f"replace it even with --force; choose a new OUT")
-    parent = path.parent
-    if not parent.is_dir():
-        raise SavedModelError(f"cannot write {path}: directory {parent} does not exist")
 
 
 def convert(
@@ -123,6 +104,8 @@ def convert(
     check: CheckOpt = True,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    input_size: InputSizeOpt = None,
+    example_inputs: ExampleInputsOpt = None,
 ) -> None:
     """Convert MODEL into a LocalViT and save it to OUT.
 
@@ -134,13 +117,15 @@ def convert(
     out = Output(json_, quiet)
     config = make_config(layers, variant, kernel_size, act, attention, se_hidden, se_reduction, eca_kernel)
     kwargs = kwargs_value(model_kwargs)
-    check_output_path(output, force)
+    spec = InputSpec(input_size, example_inputs)
+    localify.check_save_path(output, force=force)  # before any work is done (the save checks again)
 
     t0 = time.perf_counter()
     loaded = load_model(model, kwargs, checkpoint, out, pretrained)
     net = loaded.model
     with out.status(f"tracing {type(net).__name__}"):
-        plan = localify.find_mlps(net, layers=config.layers)
+        example = spec.for_model(net)
+        plan = localify.find_mlps(net, example, layers=config.layers)
     t_trace = time.perf_counter() - t0
     original = copy.deepcopy(net) if check else None
     params_before = num_params(net)
@@ -152,7 +137,7 @@ def convert(
     result = None
     if original is not None:
         with out.status(f"checking outputs at {size_text(plan.input_size)}"):
-            check = localify.compare_outputs(original, net)
+            check = localify.compare_outputs(original, net, localify.example_inputs(original, example=example))
         preserving = config.preserves_function
         ok = check.ok if preserving else None
         result = {"input_size": plan.input_size, "max_abs_diff": check.max_abs_diff,

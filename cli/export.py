@@ -22,6 +22,9 @@ from ._options import (
     AttentionOpt,
     CheckpointOpt,
     EcaKernelOpt,
+    ExampleInputsOpt,
+    InputSizeOpt,
+    InputSpec,
     JsonOpt,
     KernelOpt,
     LayersOpt,
@@ -30,6 +33,7 @@ from ._options import (
     QuietOpt,
     SeHiddenOpt,
     SeReductionOpt,
+    TrustCodeOpt,
     Variant,
     VariantOpt,
     kwargs_value,
@@ -92,6 +96,9 @@ def export(
     force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    input_size: InputSizeOpt = None,
+    example_inputs: ExampleInputsOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Export a converted model to ONNX (the torch.export-based exporter). The converted blocks are fused
     first (BatchNorm folded, residual kernels merged); the batch is dynamic, and H/W too when the model accepts
@@ -101,6 +108,7 @@ def export(
     [bold]SAVED_FILE[/]: loaded with localify.load (--checkpoint is the base checkpoint of a partial save).
     """
     out = Output(json_, quiet)
+    spec = InputSpec(input_size, example_inputs)
     if output.suffix != ".onnx":
         raise typer.BadParameter(f"{output}: the output must end in .onnx", param_hint="-o/--output")
     if is_saved_path(target):
@@ -108,16 +116,16 @@ def export(
             raise typer.BadParameter("--pretrained applies to a MODEL source, not to a saved file (it holds its "
                                      "weights)", param_hint="--pretrained")
         with out.status(f"loading {target}"):
-            model = localify.load(target, base_checkpoint=checkpoint)
+            model = localify.load(target, base_checkpoint=checkpoint, trust_code=trust_code)
     else:
         config = make_config(layers, variant, kernel_size, act, attention, se_hidden, se_reduction, eca_kernel)
         loaded = load_model(target, kwargs_value(model_kwargs), checkpoint, out, pretrained)
         model = loaded.model
         with out.status("tracing and converting"):
-            localify.localify(model, config=config)
+            localify.localify(model, config=config, example_inputs=spec.for_model(model))
     model.eval()
     mode = {"auto": True, "batch": "batch", "static": False}[dynamic.value]
     with out.status(f"exporting to {output}"):
-        info = localify.export_onnx(model, output, dynamic=mode, verify=verify if verify else False, force=force)
+        info = localify.export_onnx(model, output, spec.for_model(model), dynamic=mode, verify=verify if verify else False, force=force)
     out.show(str(info))
     out.emit({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(info).items()})

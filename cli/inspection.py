@@ -17,6 +17,9 @@ from ._models import (
 )
 from ._options import (
     CheckpointOpt,
+    ExampleInputsOpt,
+    InputSizeOpt,
+    InputSpec,
     JsonOpt,
     LayersOpt,
     ModelArg,
@@ -50,6 +53,8 @@ def inspect(
     layers: LayersOpt = "all",
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    input_size: InputSizeOpt = None,
+    example_inputs: ExampleInputsOpt = None,
 ) -> None:
     """List every transformer MLP of MODEL: block, module, dims, activation, tokens, and whether --layers
     selects it or why it is skipped. Nothing is changed.
@@ -59,9 +64,10 @@ def inspect(
     """
     out = Output(json_, quiet)
     layers = layers_value(layers)
+    spec = InputSpec(input_size, example_inputs)
     loaded = load_model(model, kwargs_value(model_kwargs), checkpoint, out, pretrained)
     with out.status(f"tracing {type(loaded.model).__name__}"):
-        plan = localify.find_mlps(loaded.model, layers=layers)
+        plan = localify.find_mlps(loaded.model, spec.for_model(loaded.model), layers=layers)
 
     data = {"model": loaded.requested, "source": loaded.resolved, "layers_spec": layers, **plan.to_dict()}
     for site in data["sites"]:

@@ -31,6 +31,9 @@ from ._options import (
     AttentionOpt,
     CheckpointOpt,
     EcaKernelOpt,
+    ExampleInputsOpt,
+    InputSizeOpt,
+    InputSpec,
     JsonOpt,
     KernelOpt,
     LayersOpt,
@@ -41,6 +44,7 @@ from ._options import (
     SeReductionOpt,
     SizeOpt,
     TolOpt,
+    TrustCodeOpt,
     Variant,
     VariantOpt,
     kwargs_value,
@@ -97,6 +101,9 @@ def verify(
     export: ExportOpt = True,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    input_size: InputSizeOpt = None,
+    example_inputs: ExampleInputsOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Check a conversion: max |difference| between the converted and the original model at one or more input
     sizes, and equality of the torch.export graph of the converted model with eager. Exit code 1 if a
@@ -113,6 +120,7 @@ def verify(
     """
     out = Output(json_, quiet)
     sizes = sizes_value(size)
+    spec = InputSpec(input_size, example_inputs)
     if is_saved_path(target):
         given = [n for n in CONVERSION_OPTIONS
                  if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
@@ -123,13 +131,15 @@ def verify(
         if not Path(target).exists():
             hint = f" (a Hugging Face model is given as hf:{target})" if "/" in target and not Path(target).suffix else ""
             raise SavedModelError(f"{target} does not exist{hint}")
-        original, converted, variant_name, plan, info = _from_file(target, checkpoint, out)
+        original, converted, variant_name, plan, info = _from_file(target, checkpoint, out, spec, trust_code)
     else:
         config = make_config(layers, variant, kernel_size, act, attention, se_hidden, se_reduction, eca_kernel)
-        original, converted, plan, info = _from_model(target, kwargs_value(model_kwargs), checkpoint, pretrained, config, out)
+        original, converted, plan, info = _from_model(target, kwargs_value(model_kwargs), checkpoint, pretrained, config, out,
+                                                     spec)
         variant_name = config.variant
 
     preserving = localify.get_variant(variant_name).preserves_function
+    example = spec.for_model(original)
     traced = plan.input_size
     sizes = sizes or [s for s in (traced, plan.second_size) if s]
     rows: list[dict] = []
@@ -138,14 +148,14 @@ def verify(
         for sz in sizes:
             bar.update(task, description=f"comparing at {size_text(sz)}")
             if preserving or info["kind"] == "model":
-                rows.append(_output_check(original, converted, sz, traced, preserving, variant_name, tol))
+                rows.append(_output_check(original, converted, example, sz, preserving, variant_name, tol))
             else:  # the rebuilt base does not hold the weights the localvit blocks were made from
                 rows.append(_row("outputs vs original", sz, note=f"not checked: variant {variant_name} is not "
                                                                  f"function-preserving"))
             bar.advance(task)
         if export:
             bar.update(task, description="torch.export")
-            rows.append(_export_check(original, converted, traced, tol))
+            rows.append(_export_check(original, converted, example, traced, tol))
             bar.advance(task)
 
     ok = all(r["ok"] is not False for r in rows)
@@ -160,10 +170,10 @@ def verify(
 
 
 def _from_model(text: str, kwargs: dict, checkpoint, pretrained: bool, config: localify.LocalifyConfig,
-                out: Output):
+                out: Output, spec: InputSpec):
     loaded = load_model(text, kwargs, checkpoint, out, pretrained)
     with out.status(f"tracing {type(loaded.model).__name__}"):
-        plan = localify.find_mlps(loaded.model, layers=config.layers)
+        plan = localify.find_mlps(loaded.model, spec.for_model(loaded.model), layers=config.layers)
     original = copy.deepcopy(loaded.model)
     with out.status("converting"):
         converted = localify.localify(loaded.model, plan=plan, config=config)
@@ -174,10 +184,10 @@ def _from_model(text: str, kwargs: dict, checkpoint, pretrained: bool, config: l
     return original, converted, plan, info
 
 
-def _from_file(path: str, checkpoint, out: Output):
+def _from_file(path: str, checkpoint, out: Output, spec: InputSpec, trust_code: bool):
     recipe = localify.read_recipe(path)
     with out.status(f"loading {path}"):
-        converted = localify.load(path, base_checkpoint=checkpoint)
+        converted = localify.load(path, base_checkpoint=checkpoint, trust_code=trust_code)
     variant = recipe["config"]["variant"]
     src = localify.ModelSource.from_dict(recipe["base"])
     with out.status(f"rebuilding the base model {src.describe()}"):
@@ -187,7 +197,7 @@ def _from_file(path: str, checkpoint, out: Output):
         if base is not None:
             localify.load_checkpoint(original, base)
     with out.status(f"tracing {type(original).__name__}"):
-        plan = localify.find_mlps(original)
+        plan = localify.find_mlps(original, spec.for_model(original))
     info = {"target": path, "kind": "saved", "source": src.describe(),
             "saved_by": recipe.get("versions", {}).get("localify"), "format_version": recipe["format_version"],
             "weights": recipe.get("weights", "all"), "fused": bool(recipe.get("fused")),
@@ -201,10 +211,11 @@ def _row(check: str, size: Any, diff: float | None = None, scale: float | None =
             "output_scale": scale, "ok": ok, "note": note}
 
 
-def _output_check(original: nn.Module, converted: nn.Module, size, traced, preserving: bool, variant: str,
+def _output_check(original: nn.Module, converted: nn.Module, example, size, preserving: bool, variant: str,
                   tol: float) -> dict:
     try:
-        check = localify.compare_outputs(original, converted, size=size, tol=tol)
+        check = localify.compare_outputs(original, converted, localify.example_inputs(original, size, example),
+                                         tol=tol)
     except Exception as e:  # noqa: BLE001 - a size the model refuses is a failed check, with its reason
         return _row("outputs vs original", size, ok=False, note=f"{type(e).__name__}: {one_line(e)[:200]}")
     if not preserving:
@@ -213,9 +224,9 @@ def _output_check(original: nn.Module, converted: nn.Module, size, traced, prese
     return _row("outputs vs original", size, check.max_abs_diff, check.output_scale, check.ok)
 
 
-def _export_check(original: nn.Module, converted: nn.Module, traced, tol: float) -> dict:
+def _export_check(original: nn.Module, converted: nn.Module, example, traced, tol: float) -> dict:
     try:
-        ex = localify.example_inputs(original, traced)
+        ex = localify.example_inputs(original, traced, example)
         program = torch.export.export(converted, ex.args, ex.kwargs, strict=False)
         check = localify.compare_outputs(converted, program.module(), ex, tol=tol)
     except Exception as e:  # noqa: BLE001

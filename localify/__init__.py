@@ -12,17 +12,19 @@ Example::
     model = localify.localify(model, layers="1-4") # the same object back, converted
 """
 
+from ._checkpoint import load_checkpoint, load_tensors
 from ._compare import OutputCheck, base_state_dict, compare_outputs, example_inputs, max_difference
 from ._convert import conversion_plan, fuse, localify
 from ._distributed import AllReduceBatchNorm, sync_batchnorm
 from ._export import ExportError, OnnxExport, export_onnx
 from ._grid import GridSpec
-from ._io import load, load_checkpoint, read_recipe, save
+from ._io import check_save_path, load, read_recipe, save
 from ._peft import TrainableReport, lora_targets, mark_trainable
 from ._plan import Layout, MLPSite, Plan, SiteStatus, TokenLayout, find_mlps
 from ._select import format_ranges, parse_layers
 from ._sources import BuiltModel, ModelSource, build_model, create_model
 from ._variants import LocalifyConfig, Variant, get_variant, register_variant, variant_names
+from ._version import __version__
 from .errors import (
     AlreadyLocalifiedError,
     CheckpointError,
@@ -36,11 +38,10 @@ from .errors import (
     NotLocalifiableError,
     SavedModelError,
     TraceError,
+    UntrustedCodeError,
 )
 from .ffn import LocalViTFFN
 from .layers import LocalifyModule, LocalityLinear
-
-__version__ = "0.1.0"
 
 __all__ = [
     "localify",
@@ -56,8 +57,10 @@ __all__ = [
     "parse_layers",
     "format_ranges",
     "save",
+    "check_save_path",
     "load",
     "load_checkpoint",
+    "load_tensors",
     "read_recipe",
     "create_model",
     "build_model",
@@ -97,5 +100,6 @@ __all__ = [
     "ModelSourceError",
     "CheckpointError",
     "SavedModelError",
+    "UntrustedCodeError",
     "__version__",
 ]

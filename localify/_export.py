@@ -27,6 +27,7 @@ from torch import nn
 
 from ._convert import fuse as fuse_model
 from ._grid import watch_grids
+from ._paths import check_output_path
 from ._splice import get_state, localify_modules
 from ._trace import ExampleInputs, eval_mode, make_example_inputs
 from .errors import LocalifyError, first_line
@@ -213,17 +214,9 @@ def export_onnx(
         >>> info = localify.export_onnx(localify.fuse(model.eval()), "model.onnx")
         >>> print(info)   # model.onnx: inputs pixel_values; dynamic batch, dynamic H/W (multiples of 16x16); ...
     """
-    path = Path(path)
     if dynamic not in (True, False, "auto", "batch"):
         raise ExportError(f"dynamic={dynamic!r}: choose True ('auto'), 'batch' or False")
-    if path.suffix != ".onnx":
-        raise ExportError(f"cannot write {path}: the ONNX file name must end in .onnx")
-    if path.exists() and not force:
-        raise ExportError(f"{path} already exists; pass force=True (--force) to overwrite it")
-    if not path.parent.exists():
-        raise ExportError(f"cannot write {path}: directory {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"cannot write {path}: directory {path.parent} is not writable")
+    path = check_output_path(path, suffixes=(".onnx",), force=force, error=ExportError)
     for mod in ("onnx", "onnxscript"):
         try:
             __import__(mod)

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 __all__ = ["ACTIVATIONS", "POINTWISE", "LAYOUT", "SPLITS", "REORDER", "GraphIndex", "op_name", "val_shape", "tensor_args",
-           "module_stack", "owner"]
+           "module_stack", "owner", "reshape_groups"]
 
 ACTIVATIONS = {
     "gelu": "gelu",
@@ -158,3 +158,39 @@ class GraphIndex:
         return None
 
 
+def reshape_groups(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair up input and output dims of a reshape into groups with equal products."""
+    groups = []
+    i = o = 0
+    while i < len(ins) or o < len(outs):
+        gi, go = [], []
+        pi = po = 1
+        # consume at least one dim from each side (size-1 dims attach to the current group)
+        if i < len(ins):
+            gi.append(i)
+            pi *= ins[i]
+            i += 1
+        if o < len(outs):
+            go.append(o)
+            po *= outs[o]
+            o += 1
+        while pi != po:
+            if pi < po and i < len(ins):
+                gi.append(i)
+                pi *= ins[i]
+                i += 1
+            elif po < pi and o < len(outs):
+                go.append(o)
+                po *= outs[o]
+                o += 1
+            else:
+                return None
+        # absorb trailing size-1 dims into this group
+        while i < len(ins) and ins[i] == 1 and (o >= len(outs) or outs[o] != 1):
+            gi.append(i)
+            i += 1
+        while o < len(outs) and outs[o] == 1 and (i >= len(ins) or ins[i] != 1):
+            go.append(o)
+            o += 1
+        groups.append((gi, go))
+    return groups

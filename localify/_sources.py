@@ -14,6 +14,7 @@ import difflib
 import importlib
 import os
 import re
+import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +22,12 @@ from typing import Any
 
 from torch import nn
 
-from .errors import CheckpointError, ModelSourceError, first_line
+from ._checkpoint import load_checkpoint
+from ._paths import file_kind
+from .errors import CheckpointError, ModelSourceError, SavedModelError, UntrustedCodeError, first_line
 
-__all__ = ["ModelSource", "BuiltModel", "build_model", "create_model", "resolve_timm_name", "get_source", "set_source"]
+__all__ = ["ModelSource", "BuiltModel", "build_model", "create_model", "resolve_timm_name", "get_source",
+           "set_source", "check_loadable"]
 
 SOURCE_ATTR = "_localify_source"
 
@@ -37,13 +41,18 @@ class ModelSource:
     kwargs: dict = field(default_factory=dict)  # timm / factory keyword arguments
     hf_class: str | None = None  # transformers class name, for "hf"
     hf_config: dict | None = None  # the full config, so the architecture is rebuilt without the files
+    # guessed from the model (timm's architecture name with default kwargs, a Hugging Face model's config)
+    # rather than given: localify.save checks that it rebuilds the same function. Not saved.
+    inferred: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        del d["inferred"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSource:
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k != "inferred"})
 
     def describe(self) -> str:
         if self.kind == "hf":
@@ -58,12 +67,15 @@ def get_source(model: nn.Module) -> ModelSource | None:
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict") and type(model).__module__.startswith("transformers"):
         return ModelSource("hf", getattr(cfg, "_name_or_path", "") or type(model).__name__,
-                           hf_class=type(model).__name__, hf_config=cfg.to_dict())
+                           hf_class=type(model).__name__, hf_config=cfg.to_dict(), inferred=True)
     return None
 
 
 def infer_timm_source(model: nn.Module) -> ModelSource | None:
-    """The timm name that rebuilds ``model`` with default kwargs, if its parameters match (checked on meta)."""
+    """The timm name that rebuilds ``model`` with default kwargs, if its parameters match (checked on meta).
+
+    Parameter shapes do not fix the function (``act_layer``, ``global_pool`` change none of them): the source
+    is marked ``inferred`` and :func:`localify.save` checks one forward of the rebuilt model."""
     if not type(model).__module__.startswith("timm."):
         return None
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -80,7 +92,7 @@ def infer_timm_source(model: nn.Module) -> ModelSource | None:
         return None
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    return ModelSource("timm", name) if mine == theirs else None
+    return ModelSource("timm", name, inferred=True) if mine == theirs else None
 
 
 def set_source(model: nn.Module, source: ModelSource) -> None:
@@ -140,8 +152,6 @@ def create_model(source: str | ModelSource, *, pretrained: bool = False,
     src = source if isinstance(source, ModelSource) else parse_source(source, kwargs)
     model = _build(src, pretrained)
     if checkpoint_path is not None:
-        from ._io import load_checkpoint
-
         load_checkpoint(model, checkpoint_path)
     set_source(model, src)
     return model
@@ -161,6 +171,7 @@ def _hf_source(path: str, kwargs: dict) -> ModelSource:
 
     if (path.startswith(("/", ".", "~")) or os.sep in path and path.count("/") > 1) and not Path(path).expanduser().exists():
         raise ModelSourceError(f"hf:{path}: no such directory")
+    _check_hf_files(path, ModelSourceError)
     try:
         cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as e:
@@ -195,11 +206,9 @@ def _build(src: ModelSource, pretrained: bool = False) -> nn.Module:
             raise CheckpointError(f"timm could not load pretrained weights for {src.name}: {first_line(e)}{hint}"
                                   ) from None
     if src.kind == "hf":
-        import transformers
-
-        cls = getattr(transformers, src.hf_class or "", None)
+        cls = _hf_model_class(src.hf_class)
         if cls is None:
-            raise ModelSourceError(f"transformers has no class {src.hf_class!r}")
+            raise ModelSourceError(f"transformers has no model class {src.hf_class!r}")
         cfg_cls = getattr(cls, "config_class", None)
         cfg = cfg_cls.from_dict(dict(src.hf_config or {})) if cfg_cls is not None else None
         if cfg is None:
@@ -210,6 +219,93 @@ def _build(src: ModelSource, pretrained: bool = False) -> nn.Module:
     if src.kind == "factory":
         return _call_factory(src.name, {**src.kwargs, "pretrained": True} if pretrained else src.kwargs)
     raise ModelSourceError(f"unknown model source kind {src.kind!r}")
+
+
+def _hf_model_class(name: str | None) -> type | None:
+    """The ``transformers`` model class of that name (a ``PreTrainedModel``), or None."""
+    import transformers
+
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # a lazy import that fails (a missing optional dependency)
+        return None
+    ok = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    return cls if ok else None
+
+
+def _remote_code_keys(cfg: Any, where: str = "hf_config") -> list[str]:
+    """Where a config asks for code from outside transformers (``auto_map``, ``trust_remote_code``)."""
+    found = []
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            if k in ("auto_map", "trust_remote_code") and v:
+                found.append(f"{where}.{k}")
+            found += _remote_code_keys(v, f"{where}.{k}")
+    elif isinstance(cfg, list):
+        for i, v in enumerate(cfg):
+            found += _remote_code_keys(v, f"{where}[{i}]")
+    return found
+
+
+def check_loadable(src: ModelSource, *, trust_code: bool, where: str) -> None:
+    """Refuse a source read from a file that would run code the file names, before anything is imported.
+
+    A ``module:factory`` source imports that module and calls the function: only with ``trust_code=True``.
+    A timm name must be a model timm registers (and its kwargs plain JSON values); a Hugging Face source
+    must name a model class of ``transformers`` itself with a config that asks for no remote code."""
+    if src.kind == "factory":
+        if not trust_code:
+            mod, _, fn = src.name.partition(":")
+            raise UntrustedCodeError(
+                f"{where} rebuilds its base model by importing module {mod!r} and calling its function {fn!r}"
+                f"{' with ' + _short(src.kwargs) if src.kwargs else ''}; loading never runs code named by a file "
+                f"unless asked: pass trust_code=True (--trust-code) if you trust this file and that module")
+        return
+    if src.kind == "timm":
+        import timm
+
+        if not timm.is_model(src.name):
+            raise SavedModelError(f"{where} names the base model {src.name!r}, which is not a timm model (timm "
+                                  f"{timm.__version__}); it was saved with another timm, or edited")
+        return
+    if src.kind == "hf":
+        if _hf_model_class(src.hf_class) is None:
+            raise SavedModelError(f"{where} names the base model class {src.hf_class!r}, which is not a model class "
+                                  f"of transformers; localify rebuilds Hugging Face models from transformers' own "
+                                  f"classes only (no remote code)")
+        remote = _remote_code_keys(src.hf_config)
+        if remote:
+            raise SavedModelError(f"{where} holds a Hugging Face config that asks for remote code ({', '.join(remote)}"
+                                  f"); localify never loads remote code: rebuild the model from a transformers class")
+        cls = _hf_model_class(src.hf_class)
+        want = getattr(getattr(cls, "config_class", None), "model_type", None)
+        got = (src.hf_config or {}).get("model_type")
+        if want and got and want != got:
+            raise SavedModelError(f"{where} pairs the class {src.hf_class} (model_type {want!r}) with a config of "
+                                  f"model_type {got!r}; the recipe is corrupt or was edited")
+        return
+    raise SavedModelError(f"{where} names an unknown model source kind {src.kind!r}")
+
+
+def _short(kwargs: dict) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_hf_files(name: str, error: type[Exception]) -> None:
+    """Every file of a local Hugging Face directory is a regular file (transformers would block on a FIFO)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return
+    for f in sorted(path.iterdir()):
+        try:
+            mode = f.stat().st_mode
+        except OSError:
+            continue  # a dangling link: transformers reports what it misses
+        if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+            raise error(f"{f} is a {file_kind(mode)}, not a regular file; a Hugging Face directory holds files")
 
 
 def hf_has_weights(name: str) -> bool | None:
@@ -225,6 +321,7 @@ def _hf_pretrained(cls: type, cfg: Any, name: str) -> nn.Module:
 
     As with timm's ``num_classes``, a task head of another size (``num_labels`` overridden) is re-initialised;
     a backbone weight of another shape is an error."""
+    _check_hf_files(name, CheckpointError)
     if hf_has_weights(name) is False:
         raise CheckpointError(f"{name} holds a config but no weights (*.safetensors or *.bin)")
     where = name if Path(name).expanduser().is_dir() else f"the local cache for {name!r}"

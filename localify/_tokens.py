@@ -20,7 +20,7 @@ from enum import Enum
 from torch import fx
 
 from ._grid import unfold_grid
-from ._ops import REORDER, SPLITS, GraphIndex, op_name, owner, tensor_args, val_shape
+from ._ops import REORDER, SPLITS, GraphIndex, op_name, owner, reshape_groups, tensor_args, val_shape
 
 __all__ = ["Origin", "TokenGrid", "NoGrid", "TokenWalker", "token_layout"]
 
@@ -64,44 +64,6 @@ class NoGrid:
 
 CONST = "const"
 _Result = TokenGrid | NoGrid | str | None  # None: unknown (e.g. an op the walk does not follow)
-
-
-def _reshape_groups(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
-    """Pair up input and output dims of a reshape into groups with equal products."""
-    groups = []
-    i = o = 0
-    while i < len(ins) or o < len(outs):
-        gi, go = [], []
-        pi = po = 1
-        # consume at least one dim from each side (size-1 dims attach to the current group)
-        if i < len(ins):
-            gi.append(i)
-            pi *= ins[i]
-            i += 1
-        if o < len(outs):
-            go.append(o)
-            po *= outs[o]
-            o += 1
-        while pi != po:
-            if pi < po and i < len(ins):
-                gi.append(i)
-                pi *= ins[i]
-                i += 1
-            elif po < pi and o < len(outs):
-                go.append(o)
-                po *= outs[o]
-                o += 1
-            else:
-                return None
-        # absorb trailing size-1 dims into this group
-        while i < len(ins) and ins[i] == 1 and (o >= len(outs) or outs[o] != 1):
-            gi.append(i)
-            i += 1
-        while o < len(outs) and outs[o] == 1 and (i >= len(ins) or ins[i] != 1):
-            go.append(o)
-            o += 1
-        groups.append((gi, go))
-    return groups
 
 
 class TokenWalker:
@@ -273,7 +235,7 @@ class TokenWalker:
         ishape = val_shape(src)
         if ishape is None:
             return None
-        groups = _reshape_groups(ishape, shape)
+        groups = reshape_groups(ishape, shape)
         if groups is None:
             return None
         gi, go = next((g for g in groups if dim in g[1]), (None, None))

@@ -20,6 +20,7 @@ __all__ = [
     "ModelSourceError",
     "CheckpointError",
     "SavedModelError",
+    "UntrustedCodeError",
 ]
 
 
@@ -75,3 +76,8 @@ class CheckpointError(LocalifyError, ValueError):
 
 class SavedModelError(LocalifyError, ValueError):
     """A saved localify model is unreadable, unsafe or from an incompatible version."""
+
+
+class UntrustedCodeError(SavedModelError):
+    """A saved model would import and call code it names (a ``module:factory`` source); loading it needs
+    ``trust_code=True`` (``--trust-code``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -332,3 +333,41 @@ def test_hugging_face_checkpoint_file(tmp_path) -> None:
     localify.load_checkpoint(model, tmp_path / "hf" / "model.safetensors")
     with torch.no_grad():
         assert torch.equal(src(pixel_values=X).last_hidden_state, model(pixel_values=X).last_hidden_state)
+
+
+# --------------------------------------------------------------------------------- recipe schema, temps
+def test_recipe_schema_covers_every_saved_field() -> None:
+    """The schema table names exactly the fields the dataclasses save: a new field needs a rule."""
+    from dataclasses import fields
+
+    from localify import _recipe
+    from localify._plan import SiteRecord
+    from localify._variants import LocalifyConfig
+    from localify._grid import GridSpec
+
+    for spec, cls in ((_recipe.CONFIG, LocalifyConfig), (_recipe.SITE, SiteRecord), (_recipe.GRID, GridSpec),
+                      (_recipe.SOURCE, localify.ModelSource)):
+        assert set(spec.fields) == {f.name for f in fields(cls)} - {"inferred"}, cls.__name__
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process liveness by signal 0")
+def test_stale_temps_of_dead_saves_are_removed(tmp_path) -> None:
+    """Temp directories whose process is gone (or is this process, not saving) go; a live one stays."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "m.safetensors"
+    names = {"dead": f".m.safetensors.localify-tmp-{dead_pid}-0badc0de",
+             "mine": f".m.safetensors.localify-tmp-{os.getpid()}-00000001",
+             "old": f".m.safetensors.localify-tmp-{dead_pid}-0badc0de-old",
+             "live": ".m.safetensors.localify-tmp-1-12345678",  # pid 1 is always alive
+             "other output": f".n.safetensors.localify-tmp-{dead_pid}-0badc0de"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".tmpXYZ").write_bytes(b"partial")  # what safetensors leaves when killed
+    localify.save(_model(), out)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([names["live"], names["other output"], "m.safetensors"])
