@@ -185,14 +185,33 @@ def _combine(codes: list[Any], shape: tuple[int, ...], mixer: _Mixer) -> Any:
     a = small[0]
     for b in small[1:]:
         a, b = torch.broadcast_tensors(a, b)
+        # two paths that reach the same cell through different windows (a stride-2 conv and a 2x2 pool
+        # shortcut) disagree by less than half a cell: the same token. Batch and extra indices must match.
+        half = 0.5 * min(_cell(a), _cell(b))
+        tol = torch.tensor([TOL, TOL, half, half] if math.isfinite(half) else [TOL] * K, dtype=_DT,
+                           device=a.device)
         both = ~(torch.isnan(a) | torch.isnan(b))
-        differ = both & ~torch.isclose(a, b, rtol=0.0, atol=TOL)
+        differ = both & ~((a - b).abs() < tol - TOL) & ~(a == b)
         conflict = differ.any(dim=-1, keepdim=True)
-        a = torch.where(torch.isnan(a), b, a)
+        a = torch.where(torch.isnan(a), b, torch.where(torch.isnan(b), a, (a + b) / 2))
         if bool(conflict.any()):
             mixer.mixed = True
             a = a.masked_fill(conflict, _INF)
     return _expand(a, shape)
+
+
+def _cell(c: torch.Tensor) -> float:
+    """Smallest spacing in y or x between neighbouring elements along any dim (inf if none)."""
+    best = _INF
+    for d in range(c.dim() - 1):
+        n = c.shape[d]
+        if n < 2 or c.stride(d) == 0:
+            continue
+        diff = (c.narrow(d, 1, n - 1)[..., 2:] - c.narrow(d, 0, n - 1)[..., 2:]).abs()
+        diff = diff[torch.isfinite(diff) & (diff > TOL)]
+        if diff.numel():
+            best = min(best, float(diff.min()))
+    return best
 
 
 # --------------------------------------------------------------------------------------------------- op view
@@ -203,8 +222,9 @@ class _Op:
     """One op application as a rule sees it: real arguments and codes by schema name, the real output."""
 
     def __init__(self, node: fx.Node, args: tuple, kwargs: dict, cargs: tuple, ckwargs: dict, out: Any,
-                 mixer: _Mixer) -> None:
+                 mixer: _Mixer, dev: torch.device) -> None:
         self.node = node
+        self.dev = dev  # where the codes live (the image's device; values may be meta tensors)
         self.target = node.target
         self.name = op_name(node)
         self.out = out
@@ -357,7 +377,7 @@ def _r_cat(op: _Op) -> Any:
     codes = [c for t, c in zip(op.a("tensors"), op.c("tensors")) if not (t.dim() == 1 and t.shape[0] == 0)]
     rank = op.out.dim()
     d = op.nd(op.a("dim", 0), rank)
-    full = [_full(c, t.shape, op.out.device) for t, c in zip(tensors, codes)]
+    full = [_full(c, t.shape, op.dev) for t, c in zip(tensors, codes)]
     small, dims = _compact(full, skip=[d])
     return _expand(torch.cat(small, d), op.out.shape) if dims else torch.cat(full, d)
 
@@ -365,7 +385,7 @@ def _r_cat(op: _Op) -> Any:
 @_rule("stack")
 def _r_stack(op: _Op) -> Any:
     tensors = op.a("tensors")
-    full = [_full(c, t.shape, op.out.device) for t, c in zip(tensors, op.c("tensors"))]
+    full = [_full(c, t.shape, op.dev) for t, c in zip(tensors, op.c("tensors"))]
     return torch.stack(full, op.nd(op.a("dim", 0), op.out.dim()))
 
 
@@ -422,9 +442,9 @@ def _r_index_put(op: _Op) -> Any:
     x, v = _self(op), op.c("values")
     if op.a("accumulate", False) and v is not None:
         return op.unknown("an accumulating index_put")
-    x = _full(x, _self_real(op).shape, op.out.device).clone()
+    x = _full(x, _self_real(op).shape, op.dev).clone()
     vals = op.a("values")
-    v = _full(v, vals.shape, op.out.device)
+    v = _full(v, vals.shape, op.dev)
     return x.index_put(tuple(op.a("indices")), v)
 
 
@@ -432,13 +452,13 @@ def _r_index_put(op: _Op) -> Any:
 def _r_scatter(op: _Op) -> Any:
     if op.real.get("reduce") is not None:
         return op.unknown("a reducing scatter")
-    x = _full(_self(op), _self_real(op).shape, op.out.device)
+    x = _full(_self(op), _self_real(op).shape, op.dev)
     idx = op.a("index")
     src = op.real.get("src")
     if isinstance(src, torch.Tensor):
-        s = _full(op.c("src"), src.shape, op.out.device)
+        s = _full(op.c("src"), src.shape, op.dev)
     else:
-        s = _nan_codes(idx.shape, op.out.device)
+        s = _nan_codes(idx.shape, op.dev)
     sl = tuple(slice(0, n) for n in idx.shape)
     return x.scatter(op.nd(op.a("dim")), idx.unsqueeze(-1).expand(*idx.shape, K), s[sl].contiguous())
 
@@ -448,14 +468,14 @@ def _r_scatter_add(op: _Op) -> Any:
     src = op.c("src") if "src" in op.codes else op.c("source")
     if src is not None:
         return op.unknown("an accumulating scatter")
-    return _reshape(_full(_self(op), _self_real(op).shape, op.out.device), op.out.shape)
+    return _reshape(_full(_self(op), _self_real(op).shape, op.dev), op.out.shape)
 
 
 @_rule("masked_fill", "masked_fill_")
 def _r_masked_fill(op: _Op) -> Any:
-    x = _full(_self(op), _self_real(op).shape, op.out.device)
+    x = _full(_self(op), _self_real(op).shape, op.dev)
     v = op.c("value")
-    v = v if isinstance(v, torch.Tensor) else _nan_codes((), op.out.device)
+    v = v if isinstance(v, torch.Tensor) else _nan_codes((), op.dev)
     mask = op.a("mask")
     return torch.where(mask.unsqueeze(-1), v, x).expand(*op.out.shape, K)
 
@@ -468,7 +488,7 @@ def _r_where(op: _Op) -> Any:
     if a is None and b is None:
         return None
     cond = op.a("condition")
-    dev = op.out.device
+    dev = op.dev
     ra, rb = op.real.get("self"), op.real.get("other")
     a = _full(a, ra.shape if isinstance(ra, torch.Tensor) else (), dev)
     b = _full(b, rb.shape if isinstance(rb, torch.Tensor) else (), dev)
@@ -477,9 +497,9 @@ def _r_where(op: _Op) -> Any:
 
 @_rule("masked_scatter", "masked_scatter_")
 def _r_masked_scatter(op: _Op) -> Any:
-    x = _full(_self(op), _self_real(op).shape, op.out.device)
+    x = _full(_self(op), _self_real(op).shape, op.dev)
     src = op.a("source")
-    s = _full(op.c("source"), src.shape, op.out.device).contiguous()
+    s = _full(op.c("source"), src.shape, op.dev).contiguous()
     mask = op.a("mask")
     return x.masked_scatter(mask.unsqueeze(-1).expand(*x.shape), s)
 
@@ -487,7 +507,7 @@ def _r_masked_scatter(op: _Op) -> Any:
 @_rule("copy", "copy_")
 def _r_copy(op: _Op) -> Any:
     src = op.a("src")
-    return _full(op.c("src"), src.shape, op.out.device).expand(*op.out.shape, K)
+    return _full(op.c("src"), src.shape, op.dev).expand(*op.out.shape, K)
 
 
 @_rule("fill", "fill_", "zero", "zero_", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
@@ -569,7 +589,9 @@ def _r_im2col(op: _Op) -> Any:
     chan = c.narrow(1, 0, 1) if _bcast(c, 1) else c
     b, cs, h, w = _real_shape(chan)
     t = chan.permute(4, 0, 1, 2, 3).reshape(K * b, cs, h, w)
-    t = torch.constant_pad_nd(t, [padding[1], padding[1], padding[0], padding[0]], _NAN)
+    # padded cells take the lattice positions they would have (as for conv): a window's centroid stays its
+    # centre. They are channels of a token, never tokens themselves.
+    t = _extrapolate(_extrapolate(t, 2, padding[0], padding[0]), 3, padding[1], padding[1])
     cols = F.unfold(t, kernel, dilation=dilation, padding=0, stride=stride)  # (K*b, cs*kk, L)
     kk = kernel[0] * kernel[1]
     cols = cols.reshape(K, b, cs, kk, -1).permute(1, 2, 3, 4, 0)
@@ -1190,18 +1212,52 @@ def _check(codes: Any, shape: tuple[int, ...], layout: str, batch: int, extra_ki
 class _Runner:
     """Runs a graph on real values, carrying position codes for everything that depends on the image."""
 
-    def __init__(self, batch: int, extra_kind: str | None, protected: set[int]) -> None:
+    def __init__(self, batch: int, extra_kind: str | None, protected: set[int], device: torch.device,
+                 real_all: bool) -> None:
         self.batch = batch
         self.extra_kind = extra_kind
         self.protected = protected
+        self.device = device
+        self.real_all = real_all  # False: only values that indices, masks or scalars depend on are computed
         self.mixer = _Mixer()
         self.proofs: dict[fx.Node, GridProof] = {}
+
+    @staticmethod
+    def _needed(nodes: list[fx.Node]) -> set[fx.Node]:
+        """Nodes whose real values matter: indices, masks, sort orders, scalars read from data, and what they
+        are computed from. Every other op runs on meta tensors (shapes only)."""
+        needed: set[fx.Node] = set()
+        for node in reversed(nodes):
+            if node.op != "call_function":
+                continue
+            target = node.target
+            schema = getattr(target, "_schema", None)
+            name = op_name(node)
+            if name in _SHAPE_OPS:
+                continue  # sizes read from a meta tensor are the real sizes
+            if node in needed or schema is None and target is not operator.getitem and not _is_python_op(target):
+                needed.update(node.all_input_nodes)
+                needed.add(node)
+                continue
+            if schema is None:
+                continue
+            if name in _VALUE_OPS or any(r.type.kind() not in _TENSOR_KINDS for r in schema.returns):
+                needed.update(node.all_input_nodes)
+                needed.add(node)
+                continue
+            for j, a in enumerate(schema.arguments):
+                if a.name in _VALUE_ARGS:
+                    v = node.args[j] if j < len(node.args) else node.kwargs.get(a.name)
+                    for n in _nodes_in(v):
+                        needed.add(n)
+        return needed
 
     def run(self, gm: fx.GraphModule, inputs: list[Any], in_codes: list[Any],
             targets: dict[fx.Node, str] | None = None) -> tuple[Any, Any]:
         graph = gm.graph
         nodes = list(graph.nodes)
         targets = targets or {}
+        needed = set() if self.real_all else self._needed(nodes)
         last: dict[fx.Node, int] = {}
         for i, n in enumerate(nodes):
             for a in n.all_input_nodes:
@@ -1226,8 +1282,8 @@ class _Runner:
                     self.protected.add(obj.untyped_storage().data_ptr())
             elif node.op == "call_function":
                 try:
-                    self._call(gm, node, val, code, note)
-                except _Stop:
+                    self._call(gm, node, val, code, note, self.real_all or node in needed)
+                except (_Stop, _Retry):
                     raise
                 except Exception as e:  # the graph no longer runs: nothing after this can be proven
                     raise _Stop(f"could not re-run the traced graph at {_where(node)} ({type(e).__name__}: "
@@ -1254,10 +1310,13 @@ class _Runner:
         return out_val, out_code
 
     # -- one op
-    def _call(self, gm: fx.GraphModule, node: fx.Node, val: dict, code: dict, note: dict) -> None:
+    def _call(self, gm: fx.GraphModule, node: fx.Node, val: dict, code: dict, note: dict, real: bool) -> None:
         target = node.target
         args = fx.node.map_arg(node.args, lambda n: val[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: val[n])
+        seen_args, seen_kwargs = args, kwargs  # what the position rules see: indices and masks are real here
+        if not real:
+            args, kwargs = _to_meta(target, args, kwargs)
         inputs = node.all_input_nodes
         coded_inputs = [n for n in inputs if code.get(n) is not None]
         if isinstance(target, torch._ops.HigherOrderOperator):
@@ -1275,7 +1334,8 @@ class _Runner:
             args, kwargs = list(args), dict(kwargs)
             for key, src in written:
                 v = args[key] if isinstance(key, int) else kwargs[key]
-                if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in self.protected:
+                if isinstance(v, torch.Tensor) and v.device.type != "meta" \
+                        and v.untyped_storage().data_ptr() in self.protected:
                     v = v.clone()
                     if isinstance(key, int):
                         args[key] = v
@@ -1283,12 +1343,17 @@ class _Runner:
                         kwargs[key] = v
                     val[src] = v
             args = tuple(args)
-        out = target(*args, **kwargs)
+        try:
+            out = target(*args, **kwargs)
+        except Exception as e:
+            if not real:
+                raise _Retry from e
+            raise
         val[node] = out
         if not coded_inputs:
             return
         self.mixer.mixed = False
-        c = self._codes(node, args, kwargs, out, code)
+        c = self._codes(node, seen_args, seen_kwargs, out, code)
         if c is not None:
             code[node] = c
         origin = next((note[n] for n in coded_inputs if n in note), None)
@@ -1316,7 +1381,7 @@ class _Runner:
                 return _Unknown(f"cannot follow {getattr(node.target, '__name__', node.target)} "
                                 f"({_where(node)}), so the token positions after it are unknown")
             return None
-        op = _Op(node, args, kwargs, cargs, ckwargs, out, self.mixer)
+        op = _Op(node, args, kwargs, cargs, ckwargs, out, self.mixer, self.device)
         relevant = []
         for name, c in op.codes.items():
             if name in _INDEX_ARGS:
@@ -1358,6 +1423,56 @@ class _Runner:
 
 class _Stop(Exception):
     pass
+
+
+class _Retry(Exception):
+    """An op could not run on meta tensors: run the whole graph again on real values."""
+
+
+_SHAPE_OPS = frozenset({"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "size", "stride", "dim",
+                        "numel", "_assert_tensor_metadata"})
+_VALUE_OPS = frozenset({
+    "nonzero", "nonzero_static", "nonzero_numpy", "argwhere", "masked_select", "unique", "_unique", "_unique2",
+    "unique_consecutive", "unique_dim", "bincount", "histc", "_local_scalar_dense", "item", "equal", "is_nonzero",
+    "allclose", "sort", "topk", "argsort", "msort", "as_strided", "as_strided_copy", "repeat_interleave",
+    "_assert_async", "tolist",
+})
+_VALUE_ARGS = _INDEX_ARGS | {"repeats", "start", "length", "end", "tensor_indices_or_sections"}
+_TENSOR_KINDS = frozenset({"TensorType", "ListType", "OptionalType"})
+_META = torch.device("meta")
+
+
+def _is_python_op(target: Any) -> bool:
+    """Arithmetic on Python numbers / SymInts (sizes), which a meta run computes exactly."""
+    return getattr(target, "__module__", None) in ("_operator", "operator", "math") or target in (
+        torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not)
+
+
+def _nodes_in(v: Any) -> list[fx.Node]:
+    if isinstance(v, fx.Node):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [n for x in v for n in _nodes_in(x)]
+    return []
+
+
+def _to_meta(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def conv(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":
+            return v.to(_META)
+        return v
+
+    args = pytree.tree_map(conv, args)
+    kwargs = pytree.tree_map(conv, kwargs)
+    schema = getattr(target, "_schema", None)
+    if schema is not None:  # factories and device moves run on meta too
+        for j, a in enumerate(schema.arguments):
+            if a.name == "device":
+                if j < len(args) and args[j] is not None:
+                    args = (*args[:j], _META, *args[j + 1:])
+                elif kwargs.get("device") is not None:
+                    kwargs = {**kwargs, "device": _META}
+    return args, kwargs
 
 
 # --------------------------------------------------------------------------------------------------- entry point
@@ -1457,15 +1572,19 @@ def prove_grids(program: Any, example: Any, nodes: dict[fx.Node, str], *,
     protected = {v.untyped_storage().data_ptr() for v in values if isinstance(v, torch.Tensor)}
     codes: list[Any] = [None] * len(values)
     targets = {n: nodes[n] for n in nodes if n in graph_nodes}
-    runner = _Runner(int(img.shape[0]), extra_kind, protected)
+    reason = "the MLP input was never computed when re-running the graph"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         codes[img_at] = _image_codes(img)
-        reason = "the MLP input was never computed when re-running the graph"
-        try:
-            runner.run(gm, values, codes, targets)
-        except _Stop as e:
-            reason = str(e)
+        for real_all in (False, True):
+            runner = _Runner(int(img.shape[0]), extra_kind, protected, img.device, real_all)
+            try:
+                runner.run(gm, values, codes, targets)
+            except _Retry:
+                continue
+            except _Stop as e:
+                reason = str(e)
+            break
     result.update(runner.proofs)
     for n in targets:
         result.setdefault(n, GridProof(False, reason))
