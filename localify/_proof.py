@@ -110,13 +110,18 @@ def _compact(ts: list[torch.Tensor], skip: Iterable[int] = ()) -> tuple[list[tor
 
 
 def _nanmean(c: torch.Tensor, dims: Iterable[int]) -> torch.Tensor:
-    """Mean over real ``dims`` (keepdim) ignoring NaN; +inf (conflict) propagates."""
-    for d in sorted({d % (c.dim() - 1) for d in dims}):
-        if _bcast(c, d):
-            c = c.narrow(d, 0, 1)
-        else:
-            c = torch.nanmean(c, dim=d, keepdim=True)
-    return c
+    """Mean over real ``dims`` (keepdim) ignoring NaN; +inf (conflict) propagates. Dims that are broadcast
+    copies stay broadcast (nothing is materialised)."""
+    rank = c.dim() - 1
+    dims = sorted({d % rank for d in dims}) if rank else []
+    shape = list(c.shape)
+    for d in dims:
+        shape[d] = 1
+    (small,), _ = _compact([c])
+    for d in dims:
+        if small.shape[d] > 1:
+            small = torch.nanmean(small, dim=d, keepdim=True)
+    return small.expand(*shape)
 
 
 def _reshape(c: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
@@ -176,6 +181,9 @@ def _combine(codes: list[Any], shape: tuple[int, ...], mixer: _Mixer) -> Any:
         return None
     if len(coded) == 1:
         return _expand(coded[0], shape)
+    small, _ = _compact([_expand(c, shape) for c in coded])
+    if all(bool(torch.isclose(small[0], b, rtol=0.0, atol=TOL, equal_nan=True).all()) for b in small[1:]):
+        return _expand(small[0], shape)  # the common case: the same positions on every path
     const = [_const_dims(c, shape) for c in coded]
     least = min(const)
     exp = [_expand(c, shape) for c, n in zip(coded, const) if n == least]
@@ -185,13 +193,13 @@ def _combine(codes: list[Any], shape: tuple[int, ...], mixer: _Mixer) -> Any:
     a = small[0]
     for b in small[1:]:
         a, b = torch.broadcast_tensors(a, b)
-        # two paths that reach the same cell through different windows (a stride-2 conv and a 2x2 pool
-        # shortcut) disagree by less than half a cell: the same token. Batch and extra indices must match.
+        # two paths that reach the same cell through different windows (a stride-2 conv and a 2x2 pool or
+        # 1x1 stride-2 shortcut) disagree by at most half a cell: the same token. Batch and extra must match.
         half = 0.5 * min(_cell(a), _cell(b))
         tol = torch.tensor([TOL, TOL, half, half] if math.isfinite(half) else [TOL] * K, dtype=_DT,
                            device=a.device)
         both = ~(torch.isnan(a) | torch.isnan(b))
-        differ = both & ~((a - b).abs() < tol - TOL) & ~(a == b)
+        differ = both & ~((a - b).abs() <= tol + TOL) & ~(a == b)
         conflict = differ.any(dim=-1, keepdim=True)
         a = torch.where(torch.isnan(a), b, torch.where(torch.isnan(b), a, (a + b) / 2))
         if bool(conflict.any()):
@@ -379,6 +387,11 @@ def _r_cat(op: _Op) -> Any:
     d = op.nd(op.a("dim", 0), rank)
     full = [_full(c, t.shape, op.dev) for t, c in zip(tensors, codes)]
     small, dims = _compact(full, skip=[d])
+    if all(_bcast(p, d) for p in small):  # channel groups of one token (as after grouped convs): still one
+        first = small[0].narrow(d, 0, 1)
+        if all(bool(torch.isclose(first, p.narrow(d, 0, 1), rtol=0.0, atol=TOL, equal_nan=True).all())
+               for p in small[1:]):
+            return _expand(first, op.out.shape)
     return _expand(torch.cat(small, d), op.out.shape) if dims else torch.cat(full, d)
 
 
@@ -553,14 +566,26 @@ def _r_spectral(op: _Op) -> Any:
 
 @_rule("constant_pad_nd")
 def _r_constant_pad(op: _Op) -> Any:
-    return _klast(torch.constant_pad_nd(_kfirst(_self(op)), op.a("pad"), _NAN))
+    return _pad_nan(_self(op), op.a("pad"))
+
+
+def _pad_nan(c: torch.Tensor, pad: list[int]) -> torch.Tensor:
+    """Constant padding of the last len(pad) // 2 real dims: the new cells have no position."""
+    rank = c.dim() - 1
+    m = len(pad) // 2
+    (small,), dims = _compact([c], skip=range(rank - m, rank))
+    r = _klast(torch.constant_pad_nd(_kfirst(small), pad, _NAN))
+    shape = list(r.shape)
+    for d in dims:
+        shape[d] = c.shape[d]
+    return r.expand(*shape)
 
 
 @_rule("pad")
 def _r_pad(op: _Op) -> Any:
     pad, mode = op.a("pad"), op.a("mode", "constant")
     if mode == "constant":
-        return _klast(torch.constant_pad_nd(_kfirst(_self(op)), pad, _NAN))
+        return _pad_nan(_self(op), pad)
     n = len(pad) // 2
     return _per_channel(_self(op), n, lambda t: _chan_apply(t, lambda u: torch.ops.aten.pad(u, pad, mode)))
 
@@ -851,7 +876,12 @@ def _extrapolate(u: torch.Tensor, axis: int, left: int, right: int) -> torch.Ten
 
 def _window(t: torch.Tensor, kernel: list[int], stride: list[int], dilation: list[int],
             pads: list[tuple[int, int]], out_sp: tuple[int, ...]) -> torch.Tensor:
-    """Centroid of each window's codes, per channel: ``t`` (1, L, *sp, K) -> (1, L, *out_sp, K)."""
+    """Position of each window, per channel: ``t`` (1, L, *sp, K) -> (1, L, *out_sp, K).
+
+    A window sits at its centre: the mean of its central taps (one per odd, two per even kernel side),
+    which on a lattice equals the centroid of the whole window and does not move when padding or a
+    partial window cuts cells off. The window's own padding continues the lattice; where the central taps
+    hold no position (padding added by an earlier op), the centroid of the cells that do is used."""
     n = len(kernel)
     _, l_, *sp, _k = t.shape
     u = t.movedim(-1, 2).reshape(1, l_ * K, *sp)
@@ -868,11 +898,15 @@ def _window(t: torch.Tensor, kernel: list[int], stride: list[int], dilation: lis
         u = torch.constant_pad_nd(u, pad, _NAN)
     conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
     w = torch.ones(l_ * K, 1, *kernel, dtype=_DT, device=u.device)
+    centre = torch.zeros_like(w)
+    centre[(slice(None), slice(None)) + tuple(slice((k - 1) // 2, k // 2 + 1) for k in kernel)] = 1.0
 
-    def fn(v: torch.Tensor) -> torch.Tensor:
-        return conv(v, w, stride=stride, dilation=dilation, groups=l_ * K)
+    def window(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+        return conv(v, kern, stride=stride, dilation=dilation, groups=l_ * K)
 
-    r = _linear_map(u, fn)
+    r = _linear_map(u, lambda v: window(v, centre))
+    if bool(torch.isnan(r).any()):
+        r = torch.where(torch.isnan(r), _linear_map(u, lambda v: window(v, w)), r)
     r = r[(slice(None), slice(None)) + tuple(slice(0, o) for o in out_sp)]
     return r.reshape(1, l_, K, *r.shape[2:]).movedim(2, -1)
 
@@ -966,13 +1000,54 @@ def _r_adaptive_pool(op: _Op) -> Any:
 @_rule("upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d",
        "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")
 def _r_interpolate(op: _Op) -> Any:
+    """Each output cell sits where it samples the input: linear interpolation of the codes at the sampling
+    coordinate (bicubic and antialiased kernels reproduce a lattice the same way), with the border
+    continuing the lattice instead of clamping."""
     c = _self(op)
     if not isinstance(c, torch.Tensor):
         return c
     n = int(op.name.removesuffix("_aa")[-2])
-    first = _first_name(op)
-    fn = op.call
-    return _per_channel(c, n, lambda t: _chan_linear(t, lambda u: fn({first: u})))
+    x = _self_real(op)
+    align = bool(op.a("align_corners", False))
+    factors = op.real.get("scale_factors")
+    if factors is None:
+        factors = [op.real.get(k) for k in ("scales_d", "scales_h", "scales_w")[3 - n:]] if n > 1 else \
+            [op.real.get("scales")]
+    rank = x.dim()
+    for i in range(n):
+        axis = rank - n + i
+        size_in, size_out = x.shape[axis], op.out.shape[axis]
+        f = factors[i] if factors and i < len(factors) else None
+        if align:
+            scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+            src = torch.arange(size_out, dtype=_DT, device=op.dev) * scale
+        else:
+            scale = 1.0 / f if f else size_in / size_out
+            src = (torch.arange(size_out, dtype=_DT, device=op.dev) + 0.5) * scale - 0.5
+        c = _interp_axis(c, axis, src)
+    return c
+
+
+def _interp_axis(c: torch.Tensor, axis: int, src: torch.Tensor) -> torch.Tensor:
+    if _bcast(c, axis):
+        return c.narrow(axis, 0, 1).expand(*c.shape[:axis], src.numel(), *c.shape[axis + 1:])
+    pad = 2 + int(max(0.0, float(-src.min()), float(src.max()) - (c.shape[axis] - 1)))
+    u = _extrapolate(c.movedim(axis, 0), 0, pad, pad)
+    i0 = torch.floor(src)
+    frac = (src - i0).view(-1, *([1] * (u.dim() - 1)))
+    i0 = i0.to(torch.int64) + pad
+    a, b = u.index_select(0, i0), u.index_select(0, i0 + 1)
+    out = torch.where(frac == 0, a, (1 - frac) * a + frac * b)
+    return out.movedim(0, axis)
+
+
+@_rule("lstm", "gru", "rnn_tanh", "rnn_relu")
+def _r_rnn(op: _Op) -> Any:
+    """A recurrent layer's output at step t belongs to step t (as attention rows belong to their query)."""
+    a = op.c("input")
+    if not isinstance(a, torch.Tensor):
+        return a
+    return [_rows(a, tuple(op.out[0].shape))] + [None] * (len(op.out) - 1)
 
 
 # reductions: the result keeps the centroid of the reduced elements' positions
@@ -1130,7 +1205,8 @@ def _check(codes: Any, shape: tuple[int, ...], layout: str, batch: int, extra_ki
     if isinstance(codes, _Unknown):
         return GridProof(False, codes.reason)
     if codes is None:
-        return GridProof(False, "no token entering the MLP depends on the image (learned or constant tokens only)")
+        return GridProof(False, "no token entering the MLP carries an image position (learned queries or constant "
+                                "tokens only)")
     if layout == "BHWC":
         if len(shape) != 4:
             return GridProof(False, f"the MLP input has shape {shape}, not (B, H, W, C)")
@@ -1315,21 +1391,29 @@ class _Runner:
         args = fx.node.map_arg(node.args, lambda n: val[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: val[n])
         seen_args, seen_kwargs = args, kwargs  # what the position rules see: indices and masks are real here
-        if not real:
-            args, kwargs = _to_meta(target, args, kwargs)
-        inputs = node.all_input_nodes
-        coded_inputs = [n for n in inputs if code.get(n) is not None]
+        coded_inputs = [n for n in node.all_input_nodes if code.get(n) is not None]
         if isinstance(target, torch._ops.HigherOrderOperator):
+            if not real:
+                args, kwargs = _to_meta(target, args, kwargs)
             self._hop(node, args, kwargs, val, code, coded_inputs)
             return
         schema = getattr(target, "_schema", None)
-        written: list[tuple[int | str, fx.Node]] = []
+        written: list[tuple[int | str, fx.Node]] = []  # in-place ops: the arguments they write
         if schema is not None:
             for j, a in enumerate(schema.arguments):
                 if a.alias_info is not None and a.alias_info.is_write:
                     src = node.args[j] if j < len(node.args) else node.kwargs.get(a.name)
                     if isinstance(src, fx.Node):
                         written.append((j if j < len(node.args) else a.name, src))
+        if not real and _concrete(node.meta.get("val")):
+            # nothing downstream reads this value's data: the traced shapes are all the rules need
+            out = node.meta["val"]
+            val[node] = out
+            if coded_inputs:
+                self._after(node, seen_args, seen_kwargs, out, code, note, written)
+            return
+        if not real:
+            args, kwargs = _to_meta(target, args, kwargs)
         if written:  # never mutate parameters, buffers, constants or the caller's inputs
             args, kwargs = list(args), dict(kwargs)
             for key, src in written:
@@ -1350,10 +1434,15 @@ class _Runner:
                 raise _Retry from e
             raise
         val[node] = out
-        if not coded_inputs:
-            return
+        if coded_inputs:
+            self._after(node, seen_args, seen_kwargs, out, code, note, written)
+
+    def _after(self, node: fx.Node, args: tuple, kwargs: dict, out: Any, code: dict, note: dict,
+               written: list) -> None:
+        """Codes of ``node`` from its inputs' codes (at least one input has codes)."""
+        coded_inputs = [n for n in node.all_input_nodes if code.get(n) is not None]
         self.mixer.mixed = False
-        c = self._codes(node, seen_args, seen_kwargs, out, code)
+        c = self._codes(node, args, kwargs, out, code)
         if c is not None:
             code[node] = c
         origin = next((note[n] for n in coded_inputs if n in note), None)
@@ -1454,6 +1543,15 @@ def _nodes_in(v: Any) -> list[fx.Node]:
     if isinstance(v, (list, tuple)):
         return [n for x in v for n in _nodes_in(x)]
     return []
+
+
+def _concrete(v: Any) -> bool:
+    """A traced value whose shapes are plain ints (tensors, or tuples / lists of tensors and None)."""
+    if isinstance(v, torch.Tensor):
+        return all(isinstance(s, int) for s in v.shape)
+    if isinstance(v, (tuple, list)):
+        return len(v) > 0 and all(x is None or _concrete(x) for x in v)
+    return isinstance(v, (int, float, bool)) and not isinstance(v, torch.SymInt)
 
 
 def _to_meta(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
