@@ -627,6 +627,9 @@ def _r_im2col(op: _Op) -> Any:
 
 @_rule("col2im")
 def _r_col2im(op: _Op) -> Any:
+    """Fold: a pixel sits under the central tap of a window when one lands on it, else at the centroid of
+    the windows covering it. Windows continue the lattice past the border (as padding does for a conv), so
+    border pixels see the same set of windows as inner ones."""
     c = _self(op)
     x = _self_real(op)
     if x.dim() != 3:
@@ -634,12 +637,38 @@ def _r_col2im(op: _Op) -> Any:
     b, ckk, n = x.shape
     size, kernel, dilation, padding, stride = (list(op.a(k)) for k in
                                                ("output_size", "kernel_size", "dilation", "padding", "stride"))
-    t = c.permute(3, 0, 1, 2).reshape(K * b, ckk, n)
+    grid = [(size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    if grid[0] * grid[1] != n:
+        return op.unknown()
+    ext = [-(-(dilation[i] * (kernel[i] - 1) + 1) // stride[i]) for i in range(2)]
+    kk = kernel[0] * kernel[1]
+    chans = ckk // kk
+    per = c.reshape(b, chans, kk, n, K)
+    if chans > 1 and (_bcast(per, 1) or bool(torch.isclose(per, per[:, :1], rtol=0.0, atol=TOL,
+                                                            equal_nan=True).all())):
+        one = _r_col2im_codes(per[:, :1].reshape(b, kk, n, K), b, kk, n, grid, ext, size, kernel, dilation,
+                              padding, stride)
+        return one.expand(b, chans, *one.shape[2:])  # every channel of a pixel: one position
+    return _r_col2im_codes(c, b, ckk, n, grid, ext, size, kernel, dilation, padding, stride)
+
+
+def _r_col2im_codes(c: torch.Tensor, b: int, ckk: int, n: int, grid: list[int], ext: list[int], size: list[int],
+                    kernel: list[int], dilation: list[int], padding: list[int], stride: list[int]) -> torch.Tensor:
+    t = c.permute(3, 0, 1, 2).reshape(K * b, ckk, *grid)
+    t = _extrapolate(_extrapolate(t, 2, ext[0], ext[0]), 3, ext[1], ext[1]).flatten(2)
+    big = [size[i] + 2 * ext[i] * stride[i] for i in range(2)]
 
     def fn(u: torch.Tensor) -> torch.Tensor:
-        return F.fold(u, size, kernel, dilation=dilation, padding=padding, stride=stride)
+        r = F.fold(u, big, kernel, dilation=dilation, padding=padding, stride=stride)
+        return r[..., ext[0] * stride[0]:ext[0] * stride[0] + size[0], ext[1] * stride[1]:ext[1] * stride[1] + size[1]]
 
-    res = _linear_map(t, fn)
+    kk = kernel[0] * kernel[1]
+    centre = torch.zeros(kernel, dtype=torch.bool, device=c.device)
+    centre[tuple(slice((k - 1) // 2, k // 2 + 1) for k in kernel)] = True
+    rows = centre.flatten().repeat(ckk // kk).view(1, ckk, 1)
+    res = _linear_map(t.masked_fill(~rows, _NAN), fn)
+    if bool(torch.isnan(res).any()):
+        res = torch.where(torch.isnan(res), _linear_map(t, fn), res)
     return res.reshape(K, b, *res.shape[1:]).movedim(0, -1)
 
 
