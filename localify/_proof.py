@@ -292,10 +292,15 @@ Rule = Callable[[_Op], Any]
 _RULES: dict[str, Rule] = {}
 
 
-def _rule(*names: str) -> Callable[[Rule], Rule]:
+_SELF_ONLY: set[Rule] = set()  # rules that follow the codes of ``self`` / ``input`` alone
+
+
+def _rule(*names: str, self_only: bool = False) -> Callable[[Rule], Rule]:
     def reg(fn: Rule) -> Rule:
         for n in names:
             _RULES[n] = fn
+        if self_only:
+            _SELF_ONLY.add(fn)
         return fn
 
     return reg
@@ -313,34 +318,34 @@ def _self_real(op: _Op) -> Any:
 @_rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
        "reshape_as", "_reshape_alias", "view_copy", "clone", "contiguous", "alias", "detach", "_to_copy", "to",
        "type_as", "lift_fresh_copy", "lift_fresh", "dropout", "feature_dropout", "alpha_dropout",
-       "feature_alpha_dropout", "detach_", "squeeze_copy", "unsqueeze_copy", "alias_copy")
+       "feature_alpha_dropout", "detach_", "squeeze_copy", "unsqueeze_copy", "alias_copy", self_only=True)
 def _r_reshape(op: _Op) -> Any:
     return _reshape(_self(op), op.out.shape)
 
 
-@_rule("native_dropout")
+@_rule("native_dropout", self_only=True)
 def _r_native_dropout(op: _Op) -> Any:
     c = _self(op)
     return [c, c]
 
 
-@_rule("permute", "permute_copy")
+@_rule("permute", "permute_copy", self_only=True)
 def _r_permute(op: _Op) -> Any:
     return _self(op).permute(*[op.nd(d) for d in op.a("dims")], op.rank)
 
 
-@_rule("transpose", "transpose_copy")
+@_rule("transpose", "transpose_copy", self_only=True)
 def _r_transpose(op: _Op) -> Any:
     return _self(op).transpose(op.nd(op.a("dim0")), op.nd(op.a("dim1")))
 
 
-@_rule("t", "t_copy")
+@_rule("t", "t_copy", self_only=True)
 def _r_t(op: _Op) -> Any:
     c = _self(op)
     return c.transpose(0, 1) if op.rank == 2 else c
 
 
-@_rule("movedim", "moveaxis")
+@_rule("movedim", "moveaxis", self_only=True)
 def _r_movedim(op: _Op) -> Any:
     src, dst = op.a("source"), op.a("destination")
     src = [src] if isinstance(src, int) else list(src)
@@ -348,13 +353,13 @@ def _r_movedim(op: _Op) -> Any:
     return torch.movedim(_self(op), [op.nd(d) for d in src], [op.nd(d) for d in dst])
 
 
-@_rule("expand", "expand_as", "broadcast_to", "expand_copy")
+@_rule("expand", "expand_as", "broadcast_to", "expand_copy", self_only=True)
 def _r_expand(op: _Op) -> Any:
     return _expand(_self(op), op.out.shape)
 
 
 @_rule("slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "tensor_split", "index_select",
-       "flip", "slice_copy", "select_copy", "narrow_copy", "unbind_copy", "split_copy", "split_with_sizes_copy")
+       "flip", "slice_copy", "select_copy", "narrow_copy", "unbind_copy", "split_copy", "split_with_sizes_copy", self_only=True)
 def _r_dim_op(op: _Op) -> Any:
     """Ops whose only layout argument is a dim (or dims): run them on the codes with dims counted from 0."""
     repl: dict[str, Any] = {"self": _self(op)}
@@ -368,7 +373,7 @@ def _r_dim_op(op: _Op) -> Any:
     return list(out) if isinstance(out, (list, tuple)) else out
 
 
-@_rule("roll")
+@_rule("roll", self_only=True)
 def _r_roll(op: _Op) -> Any:
     c = _self(op)
     dims = list(op.a("dims", []))
@@ -402,18 +407,18 @@ def _r_stack(op: _Op) -> Any:
     return torch.stack(full, op.nd(op.a("dim", 0), op.out.dim()))
 
 
-@_rule("index")
+@_rule("index", self_only=True)
 def _r_index(op: _Op) -> Any:
     return torch.ops.aten.index.Tensor(_self(op), op.a("indices"))
 
 
-@_rule("gather")
+@_rule("gather", self_only=True)
 def _r_gather(op: _Op) -> Any:
     idx = op.a("index")
     return _self(op).gather(op.nd(op.a("dim")), idx.unsqueeze(-1).expand(*idx.shape, K))
 
 
-@_rule("take_along_dim")
+@_rule("take_along_dim", self_only=True)
 def _r_take_along_dim(op: _Op) -> Any:
     idx, dim = op.a("indices"), op.real.get("dim")
     c = _self(op)
@@ -422,18 +427,18 @@ def _r_take_along_dim(op: _Op) -> Any:
     return torch.take_along_dim(c, idx.unsqueeze(-1), dim=op.nd(dim))
 
 
-@_rule("take")
+@_rule("take", self_only=True)
 def _r_take(op: _Op) -> Any:
     idx = op.a("index")
     return _self(op).reshape(-1, K)[idx.reshape(-1)].reshape(*idx.shape, K)
 
 
-@_rule("repeat")
+@_rule("repeat", self_only=True)
 def _r_repeat(op: _Op) -> Any:
     return _self(op).repeat(*op.a("repeats"), 1)
 
 
-@_rule("repeat_interleave")
+@_rule("repeat_interleave", self_only=True)
 def _r_repeat_interleave(op: _Op) -> Any:
     c, dim = _self(op), op.real.get("dim")
     if not isinstance(c, torch.Tensor):
@@ -444,7 +449,7 @@ def _r_repeat_interleave(op: _Op) -> Any:
     return c.repeat_interleave(reps, dim=op.nd(dim))
 
 
-@_rule("unfold")
+@_rule("unfold", self_only=True)
 def _r_unfold(op: _Op) -> Any:
     c = _self(op).unfold(op.nd(op.a("dimension")), op.a("size"), op.a("step"))
     return c.movedim(-2, -1)
@@ -538,19 +543,19 @@ def _klast(c: torch.Tensor) -> torch.Tensor:
     return c.movedim(0, -1)
 
 
-@_rule("pixel_shuffle", "pixel_unshuffle")
+@_rule("pixel_shuffle", "pixel_unshuffle", self_only=True)
 def _r_pixel_shuffle(op: _Op) -> Any:
     return _klast(op.call({"self": _kfirst(_self(op)).contiguous()}))
 
 
-@_rule("channel_shuffle", "native_channel_shuffle")
+@_rule("channel_shuffle", "native_channel_shuffle", self_only=True)
 def _r_channel_shuffle(op: _Op) -> Any:
     c, g = _self(op), int(op.a("groups"))
     b, ch, *rest = c.shape
     return c.reshape(b, g, ch // g, *rest).transpose(1, 2).reshape(c.shape)
 
 
-@_rule("rot90")
+@_rule("rot90", self_only=True)
 def _r_rot90(op: _Op) -> Any:
     return torch.rot90(_self(op), op.a("k", 1), [op.nd(d) for d in op.a("dims", [0, 1])])
 
@@ -564,7 +569,7 @@ def _r_spectral(op: _Op) -> Any:
     return op.unknown("a Fourier transform")
 
 
-@_rule("constant_pad_nd")
+@_rule("constant_pad_nd", self_only=True)
 def _r_constant_pad(op: _Op) -> Any:
     return _pad_nan(_self(op), op.a("pad"))
 
@@ -581,7 +586,7 @@ def _pad_nan(c: torch.Tensor, pad: list[int]) -> torch.Tensor:
     return r.expand(*shape)
 
 
-@_rule("pad")
+@_rule("pad", self_only=True)
 def _r_pad(op: _Op) -> Any:
     pad, mode = op.a("pad"), op.a("mode", "constant")
     if mode == "constant":
@@ -592,7 +597,7 @@ def _r_pad(op: _Op) -> Any:
 
 @_rule("reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d",
        "replication_pad3d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-       "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d")
+       "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", self_only=True)
 def _r_spatial_gather(op: _Op) -> Any:
     n = int(op.name[-2])
     fn = op.call
@@ -603,7 +608,7 @@ def _first_name(op: _Op) -> str:
     return op.names[0]
 
 
-@_rule("im2col")
+@_rule("im2col", self_only=True)
 def _r_im2col(op: _Op) -> Any:
     c = _self(op)
     x = _self_real(op)
@@ -625,7 +630,7 @@ def _r_im2col(op: _Op) -> Any:
     return cols.squeeze(0) if unbatched else cols
 
 
-@_rule("col2im")
+@_rule("col2im", self_only=True)
 def _r_col2im(op: _Op) -> Any:
     """Fold: a pixel sits under the central tap of a window when one lands on it, else at the centroid of
     the windows covering it. Windows continue the lattice past the border (as padding does for a conv), so
@@ -672,7 +677,7 @@ def _r_col2im_codes(c: torch.Tensor, b: int, ckk: int, n: int, grid: list[int], 
     return res.reshape(K, b, *res.shape[1:]).movedim(0, -1)
 
 
-@_rule("as_strided", "as_strided_copy")
+@_rule("as_strided", "as_strided_copy", self_only=True)
 def _r_as_strided(op: _Op) -> Any:
     x = _self_real(op)
     if not (x.is_contiguous() and x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.numel() * x.element_size()):
@@ -710,7 +715,7 @@ def _r_elementwise(op: _Op) -> Any:
 
 @_rule("native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm_legit",
        "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "_batch_norm_with_update",
-       "_batch_norm_no_update", "cudnn_batch_norm", "miopen_batch_norm")
+       "_batch_norm_no_update", "cudnn_batch_norm", "miopen_batch_norm", self_only=True)
 def _r_norm_tuple(op: _Op) -> Any:
     c = _self(op)
     return [c] + [None] * (len(op.out) - 1)
@@ -994,7 +999,7 @@ def _conv_pads(padding: Any, kernel: list[int], dilation: list[int], n: int) -> 
 
 
 @_rule("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
-       "max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool1d_with_indices", "lp_pool1d", "lp_pool2d")
+       "max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool1d_with_indices", "lp_pool1d", "lp_pool2d", self_only=True)
 def _r_pool(op: _Op) -> Any:
     c = _self(op)
     if not isinstance(c, torch.Tensor):
@@ -1013,7 +1018,7 @@ def _r_pool(op: _Op) -> Any:
 
 
 @_rule("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
-       "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
+       "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", self_only=True)
 def _r_adaptive_pool(op: _Op) -> Any:
     c = _self(op)
     if not isinstance(c, torch.Tensor):
@@ -1027,7 +1032,7 @@ def _r_adaptive_pool(op: _Op) -> Any:
 
 
 @_rule("upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d",
-       "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")
+       "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", self_only=True)
 def _r_interpolate(op: _Op) -> Any:
     """Each output cell sits where it samples the input: linear interpolation of the codes at the sampling
     coordinate (bicubic and antialiased kernels reproduce a lattice the same way), with the border
@@ -1082,7 +1087,7 @@ def _r_rnn(op: _Op) -> Any:
 # reductions: the result keeps the centroid of the reduced elements' positions
 @_rule("mean", "sum", "nansum", "nanmean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean",
        "logsumexp", "linalg_vector_norm", "norm", "prod", "argmax", "argmin", "all", "any", "median", "nanmedian",
-       "kthvalue", "mode", "count_nonzero", "aminmax")
+       "kthvalue", "mode", "count_nonzero", "aminmax", self_only=True)
 def _r_reduce(op: _Op) -> Any:
     c = _self(op)
     if not isinstance(c, torch.Tensor):
@@ -1106,7 +1111,7 @@ def _r_reduce(op: _Op) -> Any:
     return res if isinstance(op.out, (tuple, list)) else res[0]
 
 
-@_rule("sort", "topk", "argsort", "msort")
+@_rule("sort", "topk", "argsort", "msort", self_only=True)
 def _r_sort(op: _Op) -> Any:
     """Sorting moves elements: the values (and indices) take the codes of the elements they came from."""
     c = _self(op)
@@ -1512,6 +1517,8 @@ class _Runner:
         rule = _lookup(node)
         if not relevant and rule is not _r_embedding:
             return None
+        if rule in _SELF_ONLY and not isinstance(_self(op), torch.Tensor):
+            return None  # e.g. type_as / expand_as of a constant to the shape of an image tensor
         try:
             return _default(op, relevant) if rule is None else rule(op)
         except Exception as e:  # a rule that cannot handle this use of its op: unprovable, not fatal

@@ -68,13 +68,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int = D):
+    def __init__(self, dim: int = D, attn: bool = True):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim) if attn else None
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+        if self.attn is not None:
+            x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -103,7 +104,7 @@ class UserViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, prefix + n + suffix, D))
         self.prefix, self.n = prefix, n
         self.block1 = Block()
-        self.block2 = Block() if perm is not None else None
+        self.block2 = Block(attn=False) if perm is not None else None
         self.register_buffer("perm", torch.as_tensor(perm if perm is not None else [], dtype=torch.long))
 
     def forward(self, x):
@@ -303,6 +304,106 @@ class MergeViT(nn.Module):
         return self.block2(self.reduce(x).reshape(B, 16, C))
 
 
+class StrideTwoResidual(nn.Module):
+    """ResNet-v2 (TF "same" padding) downsample: a padded 3x3/2 conv and a 1x1/2 shortcut meet half a cell
+    apart; then patches and a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = 32
+        self.stem = nn.Conv2d(3, D, 3, padding=1)
+        self.conv = nn.Conv2d(D, D, 3, stride=2)
+        self.short = nn.Conv2d(D, D, 1, stride=2)
+        self.patch = Patches(4, chans=D)
+        self.block = Block()
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.conv(F.pad(x, (0, 1, 0, 1))) + self.short(x)
+        return self.block(self.patch(x))
+
+
+class OutlookFold(nn.Module):
+    """VOLO's outlook attention: unfold 3x3 windows (stride 2), per-window attention from a pooled map,
+    fold back, residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = 32
+        self.patch = Patches(4)
+        self.attn = nn.Linear(D, 81)
+        self.mlp = Mlp(D)
+
+    def forward(self, x):
+        x = self.patch(x)
+        B, N, C = x.shape
+        m = x.transpose(1, 2).reshape(B, C, 8, 8)
+        v = F.unfold(m, 3, padding=1, stride=2).reshape(B, C, 9, 16).permute(0, 3, 2, 1)
+        a = self.attn(F.avg_pool2d(m, 2).flatten(2).transpose(1, 2)).reshape(B, 16, 9, 9).softmax(-1)
+        out = (a @ v).permute(0, 3, 2, 1).reshape(B, C * 9, 16)
+        x = x + F.fold(out, (8, 8), 3, padding=1, stride=2).flatten(2).transpose(1, 2)
+        return x + self.mlp(x)
+
+
+class ChannelAttention(nn.Module):
+    """XCiT's cross-covariance attention: a (C x C) attention applied to the values' channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = 32
+        self.patch = Patches(8)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.mlp = Mlp(D)
+
+    def forward(self, x):
+        x = self.patch(x)
+        q, k, v = self.qkv(x).transpose(1, 2).chunk(3, dim=1)  # (B, C, N) each
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)).softmax(-1)
+        x = x + (attn @ v).transpose(1, 2)
+        return x + self.mlp(x)
+
+
+class Resampled(nn.Module):
+    """CrossViT's second branch: the image resampled (bicubic, 32 -> 28) before 7x7 patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = 32
+        self.patch = Patches(7)
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(self.patch(F.interpolate(x, size=(28, 28), mode="bicubic", align_corners=False)))
+
+
+class Spectral(nn.Module):
+    """FNet-style Fourier token mixing: the positions after a Fourier transform cannot be followed."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = 32
+        self.patch = Patches(8)
+        self.mlp = Mlp(D)
+
+    def forward(self, x):
+        x = torch.fft.fft2(self.patch(x)).real
+        return x + self.mlp(x)
+
+
+class DroppedColumn(nn.Module):
+    """A 4x4 grid with its third column taken out: raster order, but the columns are not evenly spaced."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = 32
+        self.patch = Patches(8)
+        self.register_buffer("keep", torch.tensor([c + 4 * r for r in range(4) for c in (0, 1, 3)]))
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(self.patch(x)[:, self.keep])
+
+
 # --------------------------------------------------------------------------------------------------- positives
 def _timm_vit(**kw):
     base = dict(pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
@@ -335,6 +436,10 @@ POSITIVE = {
                                           [(1, 3, (4, 4), (8.0, 8.0))]),
     "overlapping patches, PEG, SE gate": (OverlapPEG, None, [(0, 0, (8, 8), (4.0, 4.0))]),
     "2x2 patch merging": (MergeViT, None, [(0, 0, (8, 8), (4.0, 4.0)), (0, 0, (4, 4), (8.0, 8.0))]),
+    "stride-2 residual, TF-same padding": (StrideTwoResidual, None, [(0, 0, (4, 4), (8.0, 8.0))]),
+    "outlook attention unfold / fold": (OutlookFold, None, [(0, 0, (8, 8), (4.0, 4.0))]),
+    "cross-covariance (channel) attention": (ChannelAttention, None, [(0, 0, (4, 4), (8.0, 8.0))]),
+    "bicubic resampling before patches": (Resampled, None, [(0, 0, (4, 4), (8.0, 8.0))]),
 }
 
 
@@ -363,6 +468,8 @@ NEGATIVE = {
     "windows folded into the batch": (WindowMlp, None, ["batch", "folded"]),
     "positions mixed elementwise": (FlipMix, None, ["mixed elementwise", "add"]),
     "a 1-D sequence (1x8 grid)": (lambda: UserViT(img=(8, 64), prefix=1), None, ["1-D sequence", "row"]),
+    "Fourier token mixing": (Spectral, None, ["cannot follow", "Fourier"]),
+    "a grid with a column taken out": (DroppedColumn, None, ["not a grid", "evenly spaced"]),
 }
 
 
