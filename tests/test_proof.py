@@ -497,6 +497,40 @@ def test_hiera_mask_units_are_a_permutation_with_the_right_order():
     assert sorted(p.permutation) == list(range(64)) and p.permutation != tuple(range(64))
 
 
+def _caller(model):
+    def call(x):
+        return model(x)
+
+    return call
+
+
+@pytest.mark.parametrize("pre_dispatch", [True, False])
+def test_make_fx_graph_with_flat_inputs(pre_dispatch):
+    """The fallback path: any GraphModule plus its flat placeholder values (here a make_fx trace, whose
+    parameters are constants; the post-dispatch graph spells Linear as view + addmm)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    results = []
+    for model in (UserViT(prefix=2, suffix=1).eval(), HieraUnroll().eval()):
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            gm = make_fx(_caller(model), tracing_mode="real", pre_dispatch=pre_dispatch)(x)
+        if pre_dispatch:
+            users = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+            mlps = match_mlps(GraphIndex(gm.graph, {}, users, 2))
+            nodes = {m.input: "BNC" for m in mlps}
+        else:  # the (B, N, C) tensor flattened into fc1's addmm
+            bias = model.block.mlp.fc1.bias if isinstance(model, HieraUnroll) else model.block1.mlp.fc1.bias
+            fc1 = next(n for n in gm.graph.nodes if n.op == "call_function" and "addmm" in str(n.target)
+                       and torch.equal(getattr(gm, n.args[0].target), bias))
+            nodes = {fc1.args[1].args[0]: "BNC"}
+        assert len(nodes) == 1
+        (p,) = prove_grids(gm, [x], nodes).values()
+        results.append((p.ok, p.prefix, p.suffix, p.grid))
+    assert results == [(True, 2, 1, (4, 4)), (False, 0, 0, (8, 8))]
+
+
 def test_proof_does_not_change_the_model_or_print(capsys):
     model = OverlapPEG().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
