@@ -76,7 +76,8 @@ def proof_cost() -> None:
     ok = sum(p.ok for p in proofs.values())
     print(f"vit_base_patch16_224, batch 2, 224x224, {torch.get_num_threads()} thread(s)")
     print(f"  torch.export (trace_model)      {t_export:6.2f} s")
-    print(f"  prove_grids, {len(nodes)} MLP inputs      {t_proof:6.2f} s  ({100 * t_proof / t_export:.0f}% of one export), "
+    share = 100 * t_proof / t_export
+    print(f"  prove_grids, {len(nodes)} MLP inputs      {t_proof:6.2f} s  ({share:.0f}% of one export), "
           f"{ok}/{len(nodes)} proven")
     print(f"  extra peak resident memory      {(max(peak[0], base) - base) / 2**20:6.1f} MB")
 
@@ -123,14 +124,14 @@ def permute_cost(rounds: int = 3, reps: int = 5) -> None:
                     f()
                     best[k] = min(best[k], time.perf_counter() - t)
     ms = {k: 1e3 * v for k, v in best.items()}
-    print(f"tokens permuted from a {H}x{W} grid, C={C}, hidden={HID}, batch {B}, {torch.get_num_threads()} thread(s), "
-          f"best of {rounds}x{reps} (ms)")
+    print(f"tokens permuted from a {H}x{W} grid, C={C}, hidden={HID}, batch {B}, "
+          f"{torch.get_num_threads()} thread(s), best of {rounds}x{reps} (ms)")
     print(f"  MLP (fc1, GELU, fc2)                         {ms['mlp']:7.1f}")
     print(f"  LocalViT MLP (+ dw 3x3 conv, GELU)           {ms['localvit']:7.1f}")
-    print(f"  reorder (B, N, hidden) to raster and back    {ms['hidden']:7.1f}  = {100 * ms['hidden'] / ms['mlp']:.0f}% "
-          f"of the MLP, {100 * ms['hidden'] / ms['localvit']:.0f}% of the LocalViT MLP")
-    print(f"  reorder (B, N, C) at the MLP boundary        {ms['boundary']:7.1f}  = {100 * ms['boundary'] / ms['mlp']:.0f}% "
-          f"of the MLP, {100 * ms['boundary'] / ms['localvit']:.0f}% of the LocalViT MLP")
+    for key, what in (("hidden", "reorder (B, N, hidden) to raster and back "),
+                      ("boundary", "reorder (B, N, C) at the MLP boundary     ")):
+        print(f"  {what}   {ms[key]:7.1f}  = {100 * ms[key] / ms['mlp']:.0f}% of the MLP, "
+              f"{100 * ms[key] / ms['localvit']:.0f}% of the LocalViT MLP")
     print(f"  LocalViT MLP run in raster order (boundary)  {ms['localvit_raster']:7.1f}")
 
 
@@ -148,7 +149,8 @@ def main() -> None:
     if not args.permute:
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         env["LOCALIFY_BENCH_RAW"] = "1"
-        subprocess.run([sys.executable, __file__, "--proof", "--threads", str(args.threads)], env=env, check=True)
+        cmd = [sys.executable, __file__, "--proof", "--threads", str(args.threads)]
+        subprocess.run(cmd, env=env, check=True)
     if not args.proof:
         permute_cost()
 

@@ -11,13 +11,20 @@ Codes start at the image pixels and follow the graph op by op (the table :data:`
 
 * layout ops (reshape, permute, slice, cat, gather, roll, pad, pixel shuffle, unfold ...) move the codes
   exactly as they move the values, using the real index values where indices are data;
-* elementwise ops keep the position of the element at the same index (mixing two positions marks a
-  conflict; a statistic broadcast over tokens, such as a squeeze-excite gate, does not move a token);
+* elementwise ops keep the position of the element at the same index: mixing two positions marks a
+  conflict; a statistic broadcast over tokens (a squeeze-excite gate, a global token) does not move a
+  token, and two paths that meet within half a cell (a stride-2 conv and its shortcut) are one token;
 * contractions keep the row: a Linear's output carries the centroid of its input channels' positions
-  (a 2x2 patch merge gives the merged cell's centre), attention outputs carry the query's position;
-* windowed spatial ops (conv, pools, interpolation) give each output cell the centroid of its receptive
-  field, with padding extrapolated along the lattice so border cells stay on it;
-* an op the table does not know stops the proof for everything derived from it.
+  (a 2x2 patch merge gives the merged cell's centre), attention outputs carry the query's position,
+  recurrent layers the step's;
+* windowed spatial ops (conv, pools, fold) place each output cell at its window's centre (its central
+  taps; the op's own padding continues the lattice), interpolation at the point it samples, reductions
+  at the centroid of what they reduce;
+* an op the table does not know stops the proof for everything derived from it, except that an op whose
+  output has the shape of a coded input keeps that input's positions (as elementwise ops do).
+
+Only values that indices, masks or data-dependent sizes are computed from are computed for real; every
+other op contributes its traced shape (``node.meta["val"]``), so a proof costs a fraction of an export.
 
 At each MLP input the codes must show one contiguous run of image tokens, all from their own image, one
 position per token (constant over channels), laid out row-major on an evenly spaced lattice. Everything
@@ -96,7 +103,7 @@ def _bcast(c: torch.Tensor, dim: int) -> bool:
 
 
 def _compact(ts: list[torch.Tensor], skip: Iterable[int] = ()) -> tuple[list[torch.Tensor], list[int]]:
-    """Narrow the real dims along which every tensor is a broadcast copy (ops then run on the small tensors)."""
+    """Narrow the real dims along which every tensor is a broadcast copy (ops then run on the small ones)."""
     rank = ts[0].dim() - 1
     skip = {s % rank for s in skip} if rank else set()
     dims = [d for d in range(rank) if d not in skip and ts[0].shape[d] > 1
@@ -284,8 +291,9 @@ class _Op:
         return d % r if r else 0
 
     def unknown(self, what: str = "") -> _Unknown:
-        return _Unknown(f"cannot follow {what or 'op ' + self.name} ({_where(self.node)}), so the token positions "
-                        f"after it are unknown")
+        what = what or f"op {self.name}"
+        return _Unknown(f"cannot follow {what} ({_where(self.node)}), so the token positions after it are "
+                        f"unknown")
 
 
 Rule = Callable[[_Op], Any]
@@ -316,8 +324,8 @@ def _self_real(op: _Op) -> Any:
 
 # --------------------------------------------------------------------------------------------------- 1. layout ops
 @_rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
-       "reshape_as", "_reshape_alias", "view_copy", "clone", "contiguous", "alias", "detach", "_to_copy", "to",
-       "type_as", "lift_fresh_copy", "lift_fresh", "dropout", "feature_dropout", "alpha_dropout",
+       "reshape_as", "_reshape_alias", "view_copy", "clone", "contiguous", "alias", "detach", "_to_copy",
+       "to", "type_as", "lift_fresh_copy", "lift_fresh", "dropout", "feature_dropout", "alpha_dropout",
        "feature_alpha_dropout", "detach_", "squeeze_copy", "unsqueeze_copy", "alias_copy", self_only=True)
 def _r_reshape(op: _Op) -> Any:
     return _reshape(_self(op), op.out.shape)
@@ -358,8 +366,9 @@ def _r_expand(op: _Op) -> Any:
     return _expand(_self(op), op.out.shape)
 
 
-@_rule("slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "tensor_split", "index_select",
-       "flip", "slice_copy", "select_copy", "narrow_copy", "unbind_copy", "split_copy", "split_with_sizes_copy", self_only=True)
+@_rule("slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "tensor_split",
+       "index_select", "flip", "slice_copy", "select_copy", "narrow_copy", "unbind_copy", "split_copy",
+       "split_with_sizes_copy", self_only=True)
 def _r_dim_op(op: _Op) -> Any:
     """Ops whose only layout argument is a dim (or dims): run them on the codes with dims counted from 0."""
     repl: dict[str, Any] = {"self": _self(op)}
@@ -560,9 +569,19 @@ def _r_rot90(op: _Op) -> Any:
     return torch.rot90(_self(op), op.a("k", 1), [op.nd(d) for d in op.a("dims", [0, 1])])
 
 
-@_rule("fft_fft", "fft_ifft", "fft_fft2", "fft_ifft2", "fft_fftn", "fft_ifftn", "fft_rfft", "fft_irfft", "fft_rfft2",
-       "fft_irfft2", "fft_rfftn", "fft_irfftn", "fft_hfft", "fft_ihfft", "fft_fftshift", "fft_ifftshift", "_fft_r2c",
-       "_fft_c2r", "_fft_c2c", "stft", "istft")
+@_rule("fft_fftshift", "fft_ifftshift", self_only=True)
+def _r_fftshift(op: _Op) -> Any:
+    c = _self(op)
+    dims = op.real.get("dim")
+    dims = list(range(op.rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    dims = [op.nd(d) for d in dims]
+    sign = 1 if op.name == "fft_fftshift" else -1
+    return c.roll([sign * (c.shape[d] // 2) for d in dims], dims)
+
+
+@_rule("fft_fft", "fft_ifft", "fft_fft2", "fft_ifft2", "fft_fftn", "fft_ifftn", "fft_rfft", "fft_irfft",
+       "fft_rfft2", "fft_irfft2", "fft_rfftn", "fft_irfftn", "fft_hfft", "fft_ihfft", "_fft_r2c", "_fft_c2r",
+       "_fft_c2c", "stft", "istft")
 def _r_spectral(op: _Op) -> Any:
     # an element of a spectrum is a frequency, not a position (and a spectral filter is a global circular
     # convolution): no rule of thumb gives the positions after these ops
@@ -615,7 +634,8 @@ def _r_im2col(op: _Op) -> Any:
     unbatched = x.dim() == 3
     if unbatched:
         c = c.unsqueeze(0)
-    kernel, dilation, padding, stride = (list(op.a(k)) for k in ("kernel_size", "dilation", "padding", "stride"))
+    kernel, dilation, padding, stride = (list(op.a(k))
+                                         for k in ("kernel_size", "dilation", "padding", "stride"))
     chan = c.narrow(1, 0, 1) if _bcast(c, 1) else c
     b, cs, h, w = _real_shape(chan)
     t = chan.permute(4, 0, 1, 2, 3).reshape(K * b, cs, h, w)
@@ -640,8 +660,8 @@ def _r_col2im(op: _Op) -> Any:
     if x.dim() != 3:
         return op.unknown()
     b, ckk, n = x.shape
-    size, kernel, dilation, padding, stride = (list(op.a(k)) for k in
-                                               ("output_size", "kernel_size", "dilation", "padding", "stride"))
+    size, kernel, dilation, padding, stride = (
+        list(op.a(k)) for k in ("output_size", "kernel_size", "dilation", "padding", "stride"))
     grid = [(size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
     if grid[0] * grid[1] != n:
         return op.unknown()
@@ -657,15 +677,17 @@ def _r_col2im(op: _Op) -> Any:
     return _r_col2im_codes(c, b, ckk, n, grid, ext, size, kernel, dilation, padding, stride)
 
 
-def _r_col2im_codes(c: torch.Tensor, b: int, ckk: int, n: int, grid: list[int], ext: list[int], size: list[int],
-                    kernel: list[int], dilation: list[int], padding: list[int], stride: list[int]) -> torch.Tensor:
+def _r_col2im_codes(c: torch.Tensor, b: int, ckk: int, n: int, grid: list[int], ext: list[int],
+                    size: list[int], kernel: list[int], dilation: list[int], padding: list[int],
+                    stride: list[int]) -> torch.Tensor:
     t = c.permute(3, 0, 1, 2).reshape(K * b, ckk, *grid)
     t = _extrapolate(_extrapolate(t, 2, ext[0], ext[0]), 3, ext[1], ext[1]).flatten(2)
     big = [size[i] + 2 * ext[i] * stride[i] for i in range(2)]
 
     def fn(u: torch.Tensor) -> torch.Tensor:
         r = F.fold(u, big, kernel, dilation=dilation, padding=padding, stride=stride)
-        return r[..., ext[0] * stride[0]:ext[0] * stride[0] + size[0], ext[1] * stride[1]:ext[1] * stride[1] + size[1]]
+        y0, x0 = ext[0] * stride[0], ext[1] * stride[1]
+        return r[..., y0:y0 + size[0], x0:x0 + size[1]]
 
     kk = kernel[0] * kernel[1]
     centre = torch.zeros(kernel, dtype=torch.bool, device=c.device)
@@ -680,7 +702,8 @@ def _r_col2im_codes(c: torch.Tensor, b: int, ckk: int, n: int, grid: list[int], 
 @_rule("as_strided", "as_strided_copy", self_only=True)
 def _r_as_strided(op: _Op) -> Any:
     x = _self_real(op)
-    if not (x.is_contiguous() and x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.numel() * x.element_size()):
+    whole = x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    if not (x.is_contiguous() and x.storage_offset() == 0 and whole):
         return op.unknown("as_strided on a view")
     c = _self(op).contiguous()
     size, stride = op.a("size"), op.a("stride")
@@ -699,23 +722,25 @@ def _r_embedding(op: _Op) -> Any:
 
 # --------------------------------------------------------------------------------------------------- 2. same shape
 _ELEMENTWISE = (
-    "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow", "float_power",
-    "maximum", "minimum", "fmax", "fmin", "atan2", "hypot", "copysign", "xlogy", "lerp", "addcmul", "addcdiv",
-    "clamp", "clip", "clamp_min", "clamp_max", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
-    "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor", "threshold", "prelu", "_prelu_kernel", "heaviside",
-    "logaddexp", "logaddexp2", "max.other", "min.other", "nan_to_num", "where.ScalarOther",
+    "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow",
+    "float_power", "maximum", "minimum", "fmax", "fmin", "atan2", "hypot", "copysign", "xlogy", "lerp",
+    "addcmul", "addcdiv", "clamp", "clip", "clamp_min", "clamp_max", "eq", "ne", "lt", "le", "gt", "ge",
+    "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor", "threshold",
+    "prelu", "_prelu_kernel", "heaviside", "logaddexp", "logaddexp2", "max.other", "min.other", "nan_to_num",
 )
 
 
 @_rule(*_ELEMENTWISE)
 def _r_elementwise(op: _Op) -> Any:
-    codes = [c for n, c in op.codes.items() if n not in _INDEX_ARGS and isinstance(op.real.get(n), torch.Tensor)]
+    codes = [c for n, c in op.codes.items()
+             if n not in _INDEX_ARGS and isinstance(op.real.get(n), torch.Tensor)]
     return _combine(codes, tuple(op.out.shape), op.mixer)
 
 
 @_rule("native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm_legit",
-       "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "_batch_norm_with_update",
-       "_batch_norm_no_update", "cudnn_batch_norm", "miopen_batch_norm", self_only=True)
+       "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional",
+       "_batch_norm_with_update", "_batch_norm_no_update", "cudnn_batch_norm", "miopen_batch_norm",
+       self_only=True)
 def _r_norm_tuple(op: _Op) -> Any:
     c = _self(op)
     return [c] + [None] * (len(op.out) - 1)
@@ -820,14 +845,16 @@ def _r_einsum(op: _Op) -> Any:
     ins = [expand_ell(s, t.dim()) for s, t in zip(ins, tensors)]
     if not arrow:
         counts = {ch: lhs.count(ch) for ch in set(lhs.replace(",", "").replace(".", ""))}
-        rhs = ell_letters + "".join(sorted(ch for ch, n in counts.items() if n == 1 and ch not in ell_letters))
+        once = sorted(ch for ch, n in counts.items() if n == 1 and ch not in ell_letters)
+        rhs = ell_letters + "".join(once)
     else:
         rhs = expand_ell(rhs, len(rhs) - 3 + ell if "..." in rhs else len(rhs))
     s0 = ins[0]
     if len(set(s0)) != len(s0):
         return op.unknown("an einsum with a repeated index")
-    c = _nanmean(codes[0], [i for i, ch in enumerate(s0) if ch not in rhs]) if any(ch not in rhs for ch in s0) \
-        else codes[0]
+    c = codes[0]
+    if any(ch not in rhs for ch in s0):
+        c = _nanmean(c, [i for i, ch in enumerate(s0) if ch not in rhs])
     kept = [ch for ch in s0 if ch in rhs]
     c = c.reshape(*[c.shape[i] for i, ch in enumerate(s0) if ch in rhs], K)
     c = c.permute(*[kept.index(ch) for ch in rhs if ch in kept], len(kept))
@@ -999,7 +1026,8 @@ def _conv_pads(padding: Any, kernel: list[int], dilation: list[int], n: int) -> 
 
 
 @_rule("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
-       "max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool1d_with_indices", "lp_pool1d", "lp_pool2d", self_only=True)
+       "max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool1d_with_indices", "lp_pool1d",
+       "lp_pool2d", self_only=True)
 def _r_pool(op: _Op) -> Any:
     c = _self(op)
     if not isinstance(c, torch.Tensor):
@@ -1018,7 +1046,8 @@ def _r_pool(op: _Op) -> Any:
 
 
 @_rule("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
-       "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", self_only=True)
+       "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+       self_only=True)
 def _r_adaptive_pool(op: _Op) -> Any:
     c = _self(op)
     if not isinstance(c, torch.Tensor):
@@ -1085,9 +1114,9 @@ def _r_rnn(op: _Op) -> Any:
 
 
 # reductions: the result keeps the centroid of the reduced elements' positions
-@_rule("mean", "sum", "nansum", "nanmean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean",
-       "logsumexp", "linalg_vector_norm", "norm", "prod", "argmax", "argmin", "all", "any", "median", "nanmedian",
-       "kthvalue", "mode", "count_nonzero", "aminmax", self_only=True)
+@_rule("mean", "sum", "nansum", "nanmean", "amax", "amin", "max", "min", "var", "std", "var_mean",
+       "std_mean", "logsumexp", "linalg_vector_norm", "norm", "prod", "argmax", "argmin", "all", "any",
+       "median", "nanmedian", "kthvalue", "mode", "count_nonzero", "aminmax", self_only=True)
 def _r_reduce(op: _Op) -> Any:
     c = _self(op)
     if not isinstance(c, torch.Tensor):
@@ -1226,11 +1255,12 @@ def _tiles(t: torch.Tensor, extra_kind: str | None) -> str:
             blocks = grids[0][:2]
     if extra_kind == "time":
         if blocks:
-            return (f"the token axis merges time and space: {k} frames of {blocks[0]}x{blocks[1]} tokens follow "
-                    f"each other on one axis")
+            return (f"the token axis merges time and space: {k} frames of {blocks[0]}x{blocks[1]} tokens "
+                    f"follow each other on one axis")
         return f"the token axis merges time and space: tokens of {k} frames are interleaved on one axis"
     if blocks:
-        return f"{k} grids of {blocks[0]}x{blocks[1]} tokens (one per {unit}) are concatenated on one token axis"
+        return (f"{k} grids of {blocks[0]}x{blocks[1]} tokens (one per {unit}) are concatenated on one token "
+                f"axis")
     return f"tokens of {k} {unit}s (or grids) are interleaved on one token axis"
 
 
@@ -1239,8 +1269,8 @@ def _check(codes: Any, shape: tuple[int, ...], layout: str, batch: int, extra_ki
     if isinstance(codes, _Unknown):
         return GridProof(False, codes.reason)
     if codes is None:
-        return GridProof(False, "no token entering the MLP carries an image position (learned queries or constant "
-                                "tokens only)")
+        return GridProof(False, "no token entering the MLP carries an image position (learned queries or "
+                                "constant tokens only)")
     if layout == "BHWC":
         if len(shape) != 4:
             return GridProof(False, f"the MLP input has shape {shape}, not (B, H, W, C)")
@@ -1256,20 +1286,21 @@ def _check(codes: Any, shape: tuple[int, ...], layout: str, batch: int, extra_ki
     else:
         tok, span = _nan_span(codes, 2)
         if bool((span > TOL).any()):
-            return GridProof(False, "the token axis is not the token identity: positions vary along the channel "
-                                    "axis (the grid runs along the channels, or tokens are mixed into channels)")
+            return GridProof(False, "the token axis is not the token identity: positions vary along the "
+                                    "channel axis (the grid runs along the channels, or tokens are mixed "
+                                    "into channels)")
     coded = torch.isfinite(tok).all(-1)
     if not bool(coded.any()):
-        return GridProof(False, "no token entering the MLP carries an image position (learned or constant tokens "
-                                "only)")
+        return GridProof(False, "no token entering the MLP carries an image position (learned or constant "
+                                "tokens only)")
     bcode = tok[..., 0]
     want = torch.arange(b, dtype=_DT, device=tok.device).view(b, 1).expand(b, n)
     if bool(((bcode - want).abs() > TOL)[coded].any()):
         if b != batch:
-            return GridProof(False, f"the MLP sees {b} sequences of {n} tokens, not the model's batch of {batch}: "
-                                    f"windows or patches are folded into the batch")
-        return GridProof(False, "tokens of several images are mixed in one sequence (the batch axis is not the "
-                                "image index)")
+            return GridProof(False, f"the MLP sees {b} sequences of {n} tokens, not the model's batch of "
+                                    f"{batch}: windows or patches are folded into the batch")
+        return GridProof(False, "tokens of several images are mixed in one sequence (the batch axis is not "
+                                "the image index)")
     if b != batch:
         return GridProof(False, f"the MLP sees {b} sequences, not the model's batch of {batch}")
     same = bool((coded == coded[:1]).all())
@@ -1287,8 +1318,9 @@ def _check(codes: Any, shape: tuple[int, ...], layout: str, batch: int, extra_ki
     idx = torch.nonzero(cm).flatten()
     start, end = int(idx[0]), int(idx[-1]) + 1
     if end - start != idx.numel():
-        return GridProof(False, f"the image tokens are not one contiguous run: {end - start - idx.numel()} tokens "
-                                f"without an image position sit among them")
+        gap = end - start - idx.numel()
+        return GridProof(False, f"the image tokens are not one contiguous run: {gap} tokens without an image "
+                                f"position sit among them")
     prefix, suffix = start, n - end
     y, x = t[start:end, 2], t[start:end, 3]
     m = end - start
@@ -1309,13 +1341,13 @@ def _check(codes: Any, shape: tuple[int, ...], layout: str, batch: int, extra_ki
     distinct = torch.unique(pos, dim=0).shape[0]
     ny, nx = torch.unique(pos[:, 0]).numel(), torch.unique(pos[:, 1]).numel()
     if distinct < m:
-        return GridProof(False, f"not a grid: the {m} tokens have only {distinct} distinct positions (tokens are "
-                                f"duplicated or mixed)")
+        return GridProof(False, f"not a grid: the {m} tokens have only {distinct} distinct positions (tokens "
+                                f"are duplicated or mixed)")
     if ny == 1 or nx == 1:
-        return GridProof(False, f"a 1-D sequence: the {m} tokens lie on one {'row' if ny == 1 else 'column'} of "
-                                f"the image")
-    return GridProof(False, f"not a grid: the {m} token positions ({ny} distinct rows, {nx} distinct columns) do "
-                            f"not form an evenly spaced lattice")
+        line = "row" if ny == 1 else "column"
+        return GridProof(False, f"a 1-D sequence: the {m} tokens lie on one {line} of the image")
+    return GridProof(False, f"not a grid: the {m} token positions ({ny} distinct rows, {nx} distinct "
+                            f"columns) do not form an evenly spaced lattice")
 
 
 # --------------------------------------------------------------------------------------------------- interpreter
@@ -1345,7 +1377,8 @@ class _Runner:
             name = op_name(node)
             if name in _SHAPE_OPS:
                 continue  # sizes read from a meta tensor are the real sizes
-            if node in needed or schema is None and target is not operator.getitem and not _is_python_op(target):
+            opaque = schema is None and target is not operator.getitem and not _is_python_op(target)
+            if node in needed or opaque:
                 needed.update(node.all_input_nodes)
                 needed.add(node)
                 continue
@@ -1542,8 +1575,8 @@ class _Runner:
             return
         val[node] = node.target(*args, **kwargs)
         if coded:
-            code[node] = _Unknown(f"cannot follow {name} ({_where(node)}), so the token positions after it are "
-                                  f"unknown")
+            code[node] = _Unknown(f"cannot follow {name} ({_where(node)}), so the token positions after it "
+                                  f"are unknown")
 
 
 class _Stop(Exception):
@@ -1557,10 +1590,10 @@ class _Retry(Exception):
 _SHAPE_OPS = frozenset({"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "size", "stride", "dim",
                         "numel", "_assert_tensor_metadata"})
 _VALUE_OPS = frozenset({
-    "nonzero", "nonzero_static", "nonzero_numpy", "argwhere", "masked_select", "unique", "_unique", "_unique2",
-    "unique_consecutive", "unique_dim", "bincount", "histc", "_local_scalar_dense", "item", "equal", "is_nonzero",
-    "allclose", "sort", "topk", "argsort", "msort", "as_strided", "as_strided_copy", "repeat_interleave",
-    "_assert_async", "tolist",
+    "nonzero", "nonzero_static", "nonzero_numpy", "argwhere", "masked_select", "unique", "_unique",
+    "_unique2", "unique_consecutive", "unique_dim", "bincount", "histc", "_local_scalar_dense", "item",
+    "equal", "is_nonzero", "allclose", "sort", "topk", "argsort", "msort", "as_strided", "as_strided_copy",
+    "repeat_interleave", "_assert_async", "tolist",
 })
 _VALUE_ARGS = _INDEX_ARGS | {"repeats", "start", "length", "end", "tensor_indices_or_sections"}
 _TENSOR_KINDS = frozenset({"TensorType", "ListType", "OptionalType"})
@@ -1625,7 +1658,8 @@ def _image_codes(img: torch.Tensor) -> torch.Tensor:
     return c.expand(*img.shape, K)
 
 
-def _flat_inputs(program: Any, example: Any, image_index: int | None) -> tuple[fx.GraphModule, list[Any], int | None]:
+def _flat_inputs(program: Any, example: Any,
+                 image_index: int | None) -> tuple[fx.GraphModule, list[Any], int | None]:
     """The graph module, its placeholder values in order, and which one is the image."""
     from torch.export import ExportedProgram
     from torch.export.graph_signature import InputKind
@@ -1660,12 +1694,14 @@ def _flat_inputs(program: Any, example: Any, image_index: int | None) -> tuple[f
                 values.append(None)
         return gm, values, img_at if image_index is None else image_index
     if not isinstance(program, fx.GraphModule):
-        raise TypeError(f"prove_grids needs an ExportedProgram or an fx.GraphModule, got {type(program).__name__}")
+        raise TypeError(f"prove_grids needs an ExportedProgram or an fx.GraphModule, got "
+                        f"{type(program).__name__}")
     if hasattr(example, "args") and hasattr(example, "kwargs"):
         leaves, _ = pytree.tree_flatten_with_path((tuple(example.args), example.kwargs))
         values = [v for _, v in leaves]
         if image_index is None and getattr(example, "image_key", None) is not None:
-            image_index = next((i for i, (kp, _) in enumerate(leaves) if tuple(kp) == tuple(example.image_key)), None)
+            key = tuple(example.image_key)
+            image_index = next((i for i, (kp, _) in enumerate(leaves) if tuple(kp) == key), None)
     else:
         values = list(example)
     if image_index is None:
@@ -1678,11 +1714,16 @@ def prove_grids(program: Any, example: Any, nodes: dict[fx.Node, str], *,
                 image_index: int | None = None) -> dict[fx.Node, GridProof]:
     """Prove, for each MLP input node, that its tokens are a raster-order 2-D grid of the input image.
 
-    ``program`` is the ``torch.export.ExportedProgram`` of :func:`localify._trace.trace_model` with ``example``
-    its :class:`~localify._trace.ExampleInputs`; or any ``fx.GraphModule`` with ``example`` either an
-    ``ExampleInputs`` (flattened as its placeholders) or the list of its flat placeholder values
-    (``image_index`` then says which one is the image; by default the first floating 4-D to 6-D tensor).
+    ``program`` is the ``torch.export.ExportedProgram`` of :func:`localify._trace.trace_model`, with
+    ``example`` its :class:`~localify._trace.ExampleInputs`; or any ``fx.GraphModule`` (a make_fx trace),
+    with ``example`` an ``ExampleInputs`` flattened as its placeholders or the list of its flat placeholder
+    values (``image_index`` then says which one is the image; by default the first floating 4-D to 6-D
+    tensor). The image is (B, C, H, W), a video (B, T, C, H, W) or tiles (B, I, T, C, H, W).
     ``nodes`` maps each MLP input node to its layout, ``"BNC"`` (B, N, C) or ``"BHWC"`` (B, H, W, C).
+
+    Returns a :class:`GridProof` per node: ``ok`` with the prefix / suffix token counts, the (H, W) grid
+    and its pixel stride, or the reason it is not a raster grid (with ``permutation`` when the tokens are
+    a raster grid's cells in another order: ``permutation[i]`` is token i's index in raster order).
 
     One run of the graph proves all nodes. The model is not changed; nothing is printed.
     """
@@ -1699,8 +1740,8 @@ def prove_grids(program: Any, example: Any, nodes: dict[fx.Node, str], *,
     if not isinstance(img, torch.Tensor) or not (4 <= img.dim() <= 6) or not img.is_floating_point():
         what = "no image input" if img is None else f"an image of shape {tuple(getattr(img, 'shape', ()))}"
         for n in nodes:
-            result.setdefault(n, GridProof(False, f"cannot place position codes: {what}, expected (B, C, H, W), "
-                                                  f"(B, T, C, H, W) or (B, I, T, C, H, W)"))
+            result.setdefault(n, GridProof(False, f"cannot place position codes: {what}, expected "
+                                                  f"(B, C, H, W), (B, T, C, H, W) or (B, I, T, C, H, W)"))
         return result
     extra_kind = "time" if img.dim() == 5 else "tile" if img.dim() == 6 else None
     protected = {v.untyped_storage().data_ptr() for v in values if isinstance(v, torch.Tensor)}

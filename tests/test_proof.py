@@ -1,5 +1,5 @@
-"""The position-code proof (``localify._proof.prove_grids``): raster grids are proven with their prefix, suffix,
-size and stride; layouts that only look like grids (mask units, blocks, channels as tokens, frames, tiles,
+"""The position-code proof (``localify._proof.prove_grids``): raster grids are proven with their prefix,
+suffix, size and stride; layouts that only look like grids (mask units, blocks, channels as tokens, frames, tiles,
 shuffles, windows folded into the batch) are refused with what was found."""
 
 from __future__ import annotations
@@ -413,8 +413,9 @@ def _timm_vit(**kw):
 def _hf_vit():
     from transformers import ViTConfig, ViTModel
 
-    return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                              image_size=32, patch_size=8))
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                    image_size=32, patch_size=8)
+    return ViTModel(cfg)
 
 
 POSITIVE = {
@@ -429,7 +430,8 @@ POSITIVE = {
     "timm swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
                                             depths=(1, 1), num_heads=(1, 1), img_size=56, window_size=7),
                   None, [(0, 0, (14, 14), (4.0, 4.0)), (0, 0, (7, 7), (8.0, 8.0))]),
-    "hf vit pixel_values": (_hf_vit, {"pixel_values": torch.randn(2, 3, 32, 32)}, [(1, 0, (4, 4), (8.0, 8.0))]),
+    "hf vit pixel_values": (_hf_vit, {"pixel_values": torch.randn(2, 3, 32, 32)},
+                            [(1, 0, (4, 4), (8.0, 8.0))]),
     "user vit 3 suffix tokens": (lambda: UserViT(prefix=0, suffix=3), None, [(0, 3, (4, 4), (8.0, 8.0))]),
     "user vit prefix and suffix": (lambda: UserViT(prefix=2, suffix=3), None, [(2, 3, (4, 4), (8.0, 8.0))]),
     "class token + padding on one tile": (lambda: Tiles(cls=True, pad=3), torch.randn(2, 1, 1, 3, 32, 32),
@@ -456,9 +458,11 @@ def test_raster_grids_are_proven(name):
 # --------------------------------------------------------------------------------------------------- negatives
 NEGATIVE = {
     # name: (model factory, example, key words of the reason)
-    "nest blockify (B, blocks, tokens, C)": (NestBlockify, None, ["permutation", "8x8", "not in raster order"]),
+    "nest blockify (B, blocks, tokens, C)": (NestBlockify, None,
+                                             ["permutation", "8x8", "not in raster order"]),
     "token-mixing MLP on (B, C, N)": (TokenMixer, None, ["channel axis"]),
-    "video (patch, time) order": (lambda: Video(), torch.randn(2, 2, 3, 32, 32), ["time and space", "interleaved"]),
+    "video (patch, time) order": (lambda: Video(), torch.randn(2, 2, 3, 32, 32),
+                                  ["time and space", "interleaved"]),
     "video frame-major order": (lambda: Video(frame_major=True), torch.randn(2, 2, 3, 32, 32),
                                 ["time and space", "2 frames of 4x4"]),
     "two tiles concatenated": (lambda: Tiles(), torch.randn(2, 1, 2, 3, 32, 32), ["2 grids of 4x4", "tile"]),
@@ -561,7 +565,8 @@ def test_random_user_vits(prefix, suffix, gh, gw, patch, seed):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if torch.equal(perm, torch.arange(n)):
         perm = perm.roll(1)
-    model = UserViT(img=(gh * patch, gw * patch), patch=patch, prefix=prefix, suffix=suffix, perm=perm.tolist())
+    model = UserViT(img=(gh * patch, gw * patch), patch=patch, prefix=prefix, suffix=suffix,
+                    perm=perm.tolist())
     raster, permuted = prove(model)
     assert (raster.ok, raster.prefix, raster.suffix, raster.grid, raster.stride) == (
         True, prefix, suffix, (gh, gw), (float(patch), float(patch)))
