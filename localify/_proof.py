@@ -1334,9 +1334,12 @@ def _check(codes: Any, shape: tuple[int, ...], layout: str, batch: int, extra_ki
     if lat is not None:
         h, w, dy, dx, perm = lat
         what = "the (B, H, W, C) tokens" if layout == "BHWC" else "the tokens"
-        return GridProof(False, f"{what} are a permutation of a {h}x{w} grid, not in raster order (blocks, "
-                                f"windows or mask units)", prefix, suffix, (h, w), (dy, dx),
-                         tuple(int(p) for p in perm))
+        col, row = torch.div(torch.arange(m, device=perm.device), h, rounding_mode="floor"), \
+            torch.arange(m, device=perm.device) % h
+        how = ("in column-major (transposed) order" if torch.equal(perm, row * w + col)
+               else "not in raster order (blocks, windows or mask units)")
+        return GridProof(False, f"{what} are a permutation of a {h}x{w} grid, {how}", prefix, suffix, (h, w),
+                         (dy, dx), tuple(int(p) for p in perm))
     pos = torch.stack([_rint(y), _rint(x)], -1)
     distinct = torch.unique(pos, dim=0).shape[0]
     ny, nx = torch.unique(pos[:, 0]).numel(), torch.unique(pos[:, 1]).numel()

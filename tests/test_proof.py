@@ -404,6 +404,20 @@ class DroppedColumn(nn.Module):
         return self.block(self.patch(x)[:, self.keep])
 
 
+class Transposed(nn.Module):
+    """A 4x6 grid flattened column by column (a (B, W, H, C) map flattened as if it were (B, H, W, C))."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = (32, 48)
+        self.patch = Patches(8)
+        self.block = Block()
+
+    def forward(self, x):
+        m = self.patch.proj(x)  # (B, C, 4, 6)
+        return self.block(m.transpose(2, 3).flatten(2).transpose(1, 2))
+
+
 # --------------------------------------------------------------------------------------------------- positives
 def _timm_vit(**kw):
     base = dict(pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
@@ -474,6 +488,7 @@ NEGATIVE = {
     "a 1-D sequence (1x8 grid)": (lambda: UserViT(img=(8, 64), prefix=1), None, ["1-D sequence", "row"]),
     "Fourier token mixing": (Spectral, None, ["cannot follow", "Fourier"]),
     "a grid with a column taken out": (DroppedColumn, None, ["not a grid", "evenly spaced"]),
+    "a grid in column-major order": (Transposed, None, ["permutation of a 4x6 grid", "column-major"]),
 }
 
 
