@@ -43,7 +43,8 @@ def _rss() -> int:
 def proof_cost() -> None:
     import timm
 
-    from localify._graph import GraphIndex, match_mlps
+    from localify._match import match_mlps
+    from localify._ops import GraphIndex
     from localify._proof import prove_grids
     from localify._trace import make_example_inputs, trace_model
 

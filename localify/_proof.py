@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import fx
 
-from ._graph import _reshape_groups, op_name, owner
+from ._ops import op_name, owner, reshape_groups
 
 __all__ = ["GridProof", "prove_grids"]
 
@@ -137,7 +137,7 @@ def _reshape(c: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     real = _real_shape(c)
     if real == shape:
         return c
-    groups = _reshape_groups(real, shape) if math.prod(real) == math.prod(shape) and 0 not in real else None
+    groups = reshape_groups(real, shape) if math.prod(real) == math.prod(shape) and 0 not in real else None
     if groups is None:
         return c.reshape(*shape, K)
     small_out = list(shape)

@@ -341,9 +341,9 @@ def test_recipe_schema_covers_every_saved_field() -> None:
     from dataclasses import fields
 
     from localify import _recipe
+    from localify._grid import GridSpec
     from localify._plan import SiteRecord
     from localify._variants import LocalifyConfig
-    from localify._grid import GridSpec
 
     for spec, cls in ((_recipe.CONFIG, LocalifyConfig), (_recipe.SITE, SiteRecord), (_recipe.GRID, GridSpec),
                       (_recipe.SOURCE, localify.ModelSource)):

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from localify._graph import GraphIndex, match_mlps, val_shape
+from localify._match import match_mlps
+from localify._ops import GraphIndex, val_shape
 from localify._proof import GridProof, prove_grids
 from localify._trace import ExampleInputs, make_example_inputs, trace_model
 
