@@ -18,11 +18,12 @@ from torch import fx, nn
 
 from ._grid import GridSpec, find_grid_source, second_size
 from ._match import MLPMatch, match_mlps
-from ._ops import GraphIndex, module_stack, op_name, owner
+from ._ops import GraphIndex, module_stack, op_name, owner, val_shape
+from ._proof import GridProof, prove_grids
 from ._select import parse_layers
 from ._tokens import NoGrid, Origin, TokenGrid, TokenWalker, token_layout
-from ._trace import CallRecord, eval_mode, make_example_inputs, record_calls, trace_model
-from .errors import NoMLPFoundError
+from ._trace import CallRecord, Trace, eval_mode, make_example_inputs, record_calls, trace_model
+from .errors import NoMLPFoundError, first_line
 from .layers import LocalifyModule
 
 __all__ = ["SiteStatus", "Layout", "TokenLayout", "SiteRecord", "MLPSite", "Plan", "find_mlps", "build_plan"]
@@ -108,6 +109,7 @@ class MLPSite:
     reason: str = ""
     selected: bool = True
     self_contained: bool = False  # the module at ``path`` computes exactly this MLP and nothing else
+    proof: GridProof | None = field(default=None, repr=False)  # the grid proof of its tokens (None: not tried)
 
     @property
     def convertible(self) -> bool:
@@ -120,7 +122,9 @@ class MLPSite:
                           t.source.to_dict())
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, proof=None))
+        d["proof"] = None if self.proof is None else {"ok": self.proof.ok, "reason": self.proof.reason,
+                                                      "stride": self.proof.stride}
         d["tokens"] = None if self.tokens is None else {
             **{k: v for k, v in asdict(self.tokens).items() if k != "source"},
             "source": None if self.tokens.source is None else self.tokens.source.describe(),
@@ -217,6 +221,7 @@ def build_plan(model: nn.Module, example_inputs: Any = None) -> Plan:
             scope.setdefault(path, []).append(n)
     pairs = [_site_from_match(m, idx, modules, walker, scope) for m in matches]
     _number_blocks([site for site, _ in pairs])
+    pairs = _prove(trace, matches, pairs)
 
     tokens = [(site, res) for site, res in pairs
               if isinstance(res, TokenGrid) and res.kind != Origin.BHWC and site.status == CONVERTIBLE]
@@ -355,6 +360,53 @@ def _site_from_match(m: MLPMatch, idx: GraphIndex, modules: dict[str, nn.Module]
         self_contained=_self_contained(m, idx, scope.get(mlp_path, [])),
     )
     return site, res
+
+
+def _prove(trace: Trace, matches: list[MLPMatch], pairs: list[tuple[MLPSite, TokenGrid | NoGrid]]
+           ) -> list[tuple[MLPSite, TokenGrid | NoGrid]]:
+    """Check every candidate grid with the position-code proof; only a proven raster grid stays convertible.
+
+    A grid the token walk found but the proof does not confirm becomes ``no_grid`` with what the proof found
+    (a permutation, frames or tiles on the token axis, channels used as tokens...). A layout the walk could not
+    follow but the proof shows to be a raster grid (padding tokens after a tile, the raster last stage of a
+    model that reorders tokens earlier) becomes a candidate, still subject to finding its run-time source."""
+    todo = {}
+    for m, (site, res) in zip(matches, pairs):
+        shape = val_shape(m.input)
+        if site.status == CONVERTIBLE or (site.status == NO_GRID and shape is not None and len(shape) in (3, 4)):
+            todo[m.input] = "BHWC" if (isinstance(res, TokenGrid) and res.kind == Origin.BHWC) or len(shape or ()) == 4 \
+                else "BNC"
+    try:
+        proofs = prove_grids(trace.program, trace.example, todo) if todo else {}
+    except Exception as e:  # a proof that cannot run proves nothing: convert nothing on its account
+        why = f"the grid proof could not run ({type(e).__name__}: {first_line(e, 200)})"
+        proofs = {n: GridProof(False, why) for n in todo}
+    out = []
+    for m, (site, res) in zip(matches, pairs):
+        proof = proofs.get(m.input)
+        site.proof = proof
+        if proof is None:
+            out.append((site, res))
+            continue
+        if site.status == CONVERTIBLE and not proof.ok:
+            site.status, site.reason = NO_GRID, f"not a proven raster grid: {proof.reason}"
+        elif site.status == CONVERTIBLE and (proof.prefix, proof.suffix, tuple(proof.grid)) != (
+                res.prefix, res.suffix, tuple(res.grid)):
+            site.status, site.reason = NO_GRID, (
+                f"the grid proof found {_describe(proof.prefix, proof.grid, proof.suffix)} tokens where the token "
+                f"walk found {_describe(res.prefix, res.grid, res.suffix)}")
+        elif site.status == NO_GRID and proof.ok:
+            kind = Origin.BHWC if todo[m.input] == "BHWC" else Origin.FLATTEN
+            res = TokenGrid(proof.prefix, proof.suffix, tuple(proof.grid), m.input, kind, tuple(proof.grid))
+            site.status, site.reason = CONVERTIBLE, ""
+            site.tokens = (TokenLayout(Layout.BHWC, 0, 0, res.grid, GridSpec(kind="bhwc")) if kind == Origin.BHWC
+                           else TokenLayout(Layout.BNC, res.prefix, res.suffix, res.grid))
+        out.append((site, res))
+    return out
+
+
+def _describe(prefix: int, grid: tuple[int, int], suffix: int) -> str:
+    return TokenLayout(Layout.BNC, prefix, suffix, tuple(grid)).describe()
 
 
 def _self_contained(m: MLPMatch, idx: GraphIndex, inside: list[fx.Node]) -> bool:
