@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from torch import nn
@@ -78,7 +78,7 @@ def localify(
         set_source(model, source)
     for site in targets:
         site.status, site.reason = LOCALIFIED, "converted"
-    state.plan = plan
+    state.plan = replace(plan, trace=None)  # the statuses; not the graph (memory, pickling)
     return model
 
 

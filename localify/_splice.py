@@ -32,6 +32,10 @@ class LocalifyState:
     fused: bool = False
     plan: Any = field(default=None, repr=False)  # the Plan of the last conversion, statuses updated
 
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave out the plan (a report of this process, not part of the model)."""
+        return {**self.__dict__, "plan": None}
+
 
 def get_state(model: nn.Module) -> LocalifyState | None:
     return getattr(model, STATE_ATTR, None)
