@@ -110,8 +110,13 @@ class GridSpec:
 
 
 def _tracing() -> bool:
-    """Under torch.compile / torch.export (strict and non-strict) / TorchScript tracing."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Under torch.compile / torch.export (strict and non-strict) / TorchScript tracing.
+
+    ``torch.compiler.is_compiling()`` comes first: dynamo folds it to True and never looks further, and it is
+    what non-strict export sets; ``torch._C._is_tracing()`` is ``torch.jit.is_tracing()`` without its two
+    Python calls (this runs on every block call).
+    """
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
 
 
 def _in_backward() -> bool:
@@ -125,9 +130,9 @@ class _Frames:
     Registered once per model (shared by all of its grid sources): a forward pre-hook on the model pushes a
     frame, a forward hook (``always_call``, so exceptions too) pops it. A source records its grid into the
     top frame of the calling thread; a converted block reads it from there. Nothing is shared between
-    threads and no lock is taken. Calls that do not go through the model's ``__call__`` (``forward_features``,
-    a wrapper calling ``model.forward``) record into a per-thread slot outside any frame, which the next
-    outermost call of the model clears.
+    threads and no lock is taken. The bottom frame of each thread holds the grids of calls that do not go
+    through the model's ``__call__`` (``forward_features``, a wrapper calling ``model.forward``); the next
+    outermost call of the model clears it.
     """
 
     def __init__(self) -> None:
@@ -168,32 +173,26 @@ class _Frames:
                 h.remove()
             self._handles = []
 
-    def _state(self) -> threading.local:
-        local = self._local
-        if not hasattr(local, "stack"):
-            local.stack, local.loose = [], {}
-        return local
+    def stack(self) -> list[dict]:
+        """This thread's frames, bottom first (created on first use)."""
+        try:
+            return self._local.stack
+        except AttributeError:
+            self._local.stack = stack = [{}]
+            return stack
 
     def _push(self, module: nn.Module, args: tuple) -> None:
         if not _tracing():
-            local = self._state()
-            if not local.stack:  # an outermost call: grids recorded outside earlier calls are stale now
-                local.loose.clear()
-            local.stack.append({})
+            stack = self.stack()
+            if len(stack) == 1:  # an outermost call: grids recorded outside earlier calls are stale now
+                stack[0].clear()
+            stack.append({})
 
     def _pop(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not _tracing():
-            stack = self._state().stack
-            if stack:
+            stack = self.stack()
+            if len(stack) > 1:
                 stack.pop()
-
-    def record(self, source: GridSource, hw: tuple[Any, Any]) -> None:
-        local = self._state()
-        (local.stack[-1] if local.stack else local.loose)[id(source)] = hw
-
-    def lookup(self, source: GridSource) -> tuple[Any, Any] | None:
-        local = self._state()
-        return (local.stack[-1] if local.stack else local.loose).get(id(source))
 
 
 class GridSource:
@@ -252,15 +251,16 @@ class GridSource:
 
     def _record(self, hw: tuple[Any, Any]) -> None:
         self._last = hw
-        if not _tracing() and self._frames is not None:
-            self._frames.record(self, hw)
+        if self._frames is not None and not _tracing():
+            self._frames.stack()[-1][self] = hw
 
     def get(self) -> tuple[Any, Any]:
         """The (H, W) grid of the current call; ``RuntimeError`` when its source did not run in this call."""
-        if _tracing() or self._frames is None:
+        frames = self._frames
+        if frames is None or _tracing():
             hw = self._last
         else:
-            hw = self._frames.lookup(self)
+            hw = frames.stack()[-1].get(self)
             if hw is None:
                 hw = self._pinned
             if hw is None and _in_backward():  # activation checkpointing: a block recomputed in backward

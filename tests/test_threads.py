@@ -9,6 +9,7 @@ grid read from another call go unnoticed by shapes and show only in the values.
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 
@@ -212,7 +213,7 @@ def test_block_called_without_any_model_call_raises():
 def _frames_in_flight(model: nn.Module) -> int:
     """Frames left on this thread's stack of the model (0 once every call has returned or raised)."""
     (frames,) = {id(s._frames): s._frames for s in get_state(model).sources.values()}.values()
-    return len(frames._state().stack)
+    return len(frames.stack()) - 1
 
 
 def test_forward_features_and_exceptions():
@@ -249,3 +250,47 @@ def test_activation_checkpointing():
     ref(x).square().sum().backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+
+
+# ------------------------------------------------------------------------------------------------ hooks, copies
+def _root_hooks(model: nn.Module) -> tuple[int, int]:
+    return len(model._forward_pre_hooks), len(model._forward_hooks)
+
+
+def test_sources_share_one_pair_of_model_hooks():
+    """HF Swin has a grid source per stage: the model gets one pre-hook and one hook, removed with the last."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                  window_size=4, mlp_ratio=2.0)
+    model = transformers.SwinModel(cfg).eval()
+    before = _root_hooks(model)
+    localify.localify(model, example_inputs=torch.randn(1, 3, 32, 32))
+    sources = list(get_state(model).sources.values())
+    assert len(sources) >= 2
+    assert _root_hooks(model) == (before[0] + 1, before[1] + 1)
+    for s in sources[:-1]:
+        s.detach()
+    assert _root_hooks(model) == (before[0] + 1, before[1] + 1)
+    sources[-1].detach()
+    assert _root_hooks(model) == before
+
+
+def test_deepcopy_and_pickle():
+    """Copies (deepcopy, pickle) work and record their grids apart from the original, in threads too."""
+    import pickle
+
+    model = tiny_vit()
+    inputs = _inputs(SIZES)
+    refs = _references(model, inputs)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert _root_hooks(copied) == _root_hooks(model)
+        assert _references(copied, inputs)[0].equal(refs[0])
+        src = next(iter(get_state(copied).sources.values()))
+        assert src._frames is not next(iter(get_state(model).sources.values()))._frames
+
+        def both(x, copied=copied):  # the original and its copy, interleaved
+            return model(x) + copied(x)
+
+        bad = _hammer(both, inputs, [2 * r for r in refs], calls=10)
+        assert not bad, bad
