@@ -120,7 +120,7 @@ def _tracing() -> bool:
 
 
 def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass (activation checkpointing recomputes forwards there)."""
+    """True while the autograd engine runs a backward (activation checkpointing recomputes forwards there)."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -222,7 +222,7 @@ class GridSource:
         self._pinned = self._last = value
 
     def attach(self, model: nn.Module) -> None:
-        """Hook the source module of ``model`` (and, once per model, the model itself); a no-op if attached."""
+        """Hook the source module of ``model`` (and, once per model, the model); a no-op if attached."""
         if self.spec.kind in ("static", "bhwc") or self._handle is not None:
             return
         mod = model.get_submodule(self.spec.module)

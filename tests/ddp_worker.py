@@ -33,7 +33,7 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = localify.create_model("vit_small_patch16_224", embed_dim=32, depth=2, num_heads=2, img_size=32,
-                                  num_classes=4)
+                                  patch_size=8, num_classes=4)  # as ARCH in tests/test_ddp.py
     localify.localify(model, variant=variant)
     with torch.no_grad():  # the identity kernels would make every rank's update look alike: perturb them
         for m in model.modules():
@@ -53,8 +53,8 @@ def train(model: torch.nn.Module, steps: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def main(out: Path, variants: list[str]) -> None:
+    torch.set_num_threads(1)  # tests/test_ddp.py recomputes outputs with as many threads (WORKER_THREADS)
     dist.init_process_group("gloo")
-    torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     for variant in variants:
         model = build(variant)

@@ -57,7 +57,7 @@ def _out(y):
 
 
 def _hammer(call, inputs: list[torch.Tensor], refs: list[torch.Tensor], calls: int = CALLS) -> list[str]:
-    """THREADS threads, each calling ``call`` ``calls`` times over all inputs (starting at its own offset), the
+    """THREADS threads, each calling ``call`` ``calls`` times over all inputs (from its own offset), the
     calls lined up with a barrier; returns the mismatches and errors."""
     barrier = threading.Barrier(THREADS)
     bad: list[str] = []
@@ -169,7 +169,7 @@ def _features_by_hand(m: nn.Module, x: torch.Tensor, between) -> torch.Tensor:
 
 
 def test_model_called_inside_another_models_forward():
-    """Model B (grid 6x4) runs inside block 1 of model A (grid 4x6): after B returns, A's block 2 still reads 4x6."""
+    """Model B (grid 6x4) runs inside block 1 of model A (grid 4x6): A's block 2 still reads 4x6 after it."""
     a, b = tiny_vit(), _randomise(tiny_vit(), seed=2)
     x = _inputs([(64, 96)])[0]
     xb = x.transpose(2, 3).contiguous()
@@ -252,7 +252,7 @@ def test_activation_checkpointing():
         assert torch.allclose(p.grad, q.grad, atol=1e-5), n
 
 
-# ------------------------------------------------------------------------------------------------ hooks, copies
+# --------------------------------------------------------------------------------------------- hooks, copies
 def _root_hooks(model: nn.Module) -> tuple[int, int]:
     return len(model._forward_pre_hooks), len(model._forward_hooks)
 
