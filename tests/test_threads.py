@@ -123,7 +123,7 @@ def test_threads_hf_swin():
     assert not bad, f"{len(bad)} of {THREADS * 25} calls wrong: {bad[:5]}"
 
 
-# ------------------------------------------------------------------------------------------------ re-entrancy
+# ----------------------------------------------------------------------------------------- re-entrancy
 class TwoSizes(nn.Module):
     """Calls one converted model at two sizes inside its own forward."""
 
@@ -252,13 +252,13 @@ def test_activation_checkpointing():
         assert torch.allclose(p.grad, q.grad, atol=1e-5), n
 
 
-# --------------------------------------------------------------------------------------------- hooks, copies
+# --------------------------------------------------------------------------------------- hooks, copies
 def _root_hooks(model: nn.Module) -> tuple[int, int]:
     return len(model._forward_pre_hooks), len(model._forward_hooks)
 
 
 def test_sources_share_one_pair_of_model_hooks():
-    """HF Swin has a grid source per stage: the model gets one pre-hook and one hook, removed with the last."""
+    """HF Swin has a grid source per stage: the model gets one pre-hook and one hook, gone with the last."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
