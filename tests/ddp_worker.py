@@ -33,7 +33,7 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = localify.create_model("vit_small_patch16_224", embed_dim=32, depth=2, num_heads=2, img_size=32,
-                                  patch_size=8, num_classes=4)  # as ARCH in tests/test_ddp.py
+                                  num_classes=4)
     localify.localify(model, variant=variant)
     with torch.no_grad():  # the identity kernels would make every rank's update look alike: perturb them
         for m in model.modules():

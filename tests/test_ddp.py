@@ -23,8 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-# a tiny ViT with a 4x4 grid at 32x32 (a 2x2 grid is refused for 3x3 kernels); ddp_worker.py builds the same
-ARCH = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8)
+ARCH = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)  # the tiny ViT of ddp_worker.py
 ARCH_ARG = ",".join(f"{k}={v}" for k, v in ARCH.items())
 WORKER_THREADS = 1  # torch threads of every worker process (OMP_NUM_THREADS and ddp_worker.py)
 

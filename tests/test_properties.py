@@ -59,6 +59,7 @@ class Drawn:
     suffix: int = 0
     hf: bool = False
     example: bool = False  # pass example_inputs to localify (the model says nothing about its input size)
+    factory: bool = False  # built by a function of this file: localify.load runs it with trust_code=True
     note: dict = field(default_factory=dict)
 
     def call(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,7 @@ def timm_models(draw, mlps=("mlp", "swiglu", "glu")) -> Drawn:
         model = localify.create_model(f"{__name__}:timm_vit", mlp=mlp, **kw)
     size = (grid[0] * patch, grid[1] * patch)
     return Drawn(model.eval(), patch, size, _second(grid, patch) if dynamic else None, int(class_token) + reg,
-                 note=dict(mlp=mlp, **kw))
+                 factory=mlp != "mlp", note=dict(mlp=mlp, **kw))
 
 
 HF = ("ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel")
@@ -181,13 +182,14 @@ def user_models(draw) -> Drawn:
     torch.manual_seed(draw(st.integers(0, 2**16)))
     model = localify.create_model(f"{__name__}:suffix_vit", **kw)
     return Drawn(model.eval(), patch, (grid[0] * patch, grid[1] * patch), _second(grid, patch), kw["prefix"],
-                 kw["suffix"], example=True, note=kw)
+                 kw["suffix"], example=True, factory=True, note=kw)
 
 
 def kernels(d: Drawn) -> st.SearchStrategy[int]:
-    """Odd kernel sizes up to the larger side of the traced grid (localify refuses larger ones)."""
-    top = max(d.size) // d.patch
-    return st.sampled_from([k for k in (1, 3, 5) if k <= top])
+    """Odd kernel sizes whose taps reach some grid cell from another at the traced size (localify refuses
+    larger ones): up to twice the larger side of the grid, less one."""
+    top = 2 * max(d.size) // d.patch - 1
+    return st.sampled_from([k for k in (1, 3, 5, 7) if k <= top])
 
 
 def _image(size: tuple[int, int], batch: int, seed: int) -> torch.Tensor:
@@ -268,7 +270,7 @@ def _convert_and_check(d: Drawn, tmp_path_factory, variant: str, kernel: int, la
     path = tmp_path_factory.mktemp("save") / ("model" if d.hf else "model.safetensors")  # (b)
     localify.save(d.model, path)  # the source: what localify.create_model / the HF config recorded
     loaded = copy.copy(d)
-    loaded.model = localify.load(path)
+    loaded.model = localify.load(path, trust_code=d.factory)
     with torch.no_grad():
         for x in xs:
             assert torch.equal(loaded.call(x), d.call(x)), d.note
@@ -351,7 +353,7 @@ def test_localvit_fuse_matches_unfused(d, act, attention, data, seed, batch, tmp
     path = tmp_path_factory.mktemp("fused") / ("model" if d.hf else "model.safetensors")  # a fused save, (b)
     localify.save(d.model, path)  # the source: what localify.create_model / the HF config recorded
     back = copy.copy(d)
-    back.model = localify.load(path)
+    back.model = localify.load(path, trust_code=d.factory)
     with torch.no_grad():
         for x in xs:
             assert torch.equal(back.call(x), d.call(x)), d.note
