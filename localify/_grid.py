@@ -138,7 +138,7 @@ class _Frames:
     def __init__(self) -> None:
         self._local = threading.local()
         self._handles: list = []
-        self.sources: set[int] = set()  # id() of the attached GridSources
+        self.sources: set[GridSource] = set()  # the attached sources (the copies, in a copy)
 
     # threading.local can be neither deep-copied nor pickled: a copy starts with no call in flight
     def __getstate__(self) -> dict:
@@ -167,7 +167,7 @@ class _Frames:
         return frames
 
     def release(self, source: GridSource) -> None:
-        self.sources.discard(id(source))
+        self.sources.discard(source)
         if not self.sources:
             for h in self._handles:
                 h.remove()
@@ -231,7 +231,7 @@ class GridSource:
             self._handle = mod.register_forward_pre_hook(self._pre, with_kwargs=True)
         else:
             self._handle = mod.register_forward_hook(self._post)
-        frames.sources.add(id(self))
+        frames.sources.add(self)
         self._frames = frames
 
     def detach(self) -> None:

@@ -298,6 +298,10 @@ def test_copies_record_their_own_grids(how, tmp_path):
 
     bad = _hammer(both, inputs, [2 * r for r in refs], calls=10)
     assert not bad, bad
+    hooks = _root_hooks(model)
+    for src in get_state(copied).sources.values():  # the copy's hooks go with the copy's sources
+        src.detach()
+    assert _root_hooks(copied) == (hooks[0] - 1, hooks[1] - 1) and _root_hooks(model) == hooks
 
 
 @pytest.mark.xfail(strict=True, reason="LocalifyState.plan keeps the traced torch.export graph on the model "
