@@ -15,7 +15,9 @@ original model once more at a second input size.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -107,40 +109,167 @@ class GridSpec:
         return (h, w) if self.unfold is None else unfold_grid((h, w), self.unfold)
 
 
+def _tracing() -> bool:
+    """Under torch.compile / torch.export (strict and non-strict) / TorchScript tracing.
+
+    ``torch.compiler.is_compiling()`` comes first: dynamo folds it to True and never looks further, and it is
+    what non-strict export sets; ``torch._C._is_tracing()`` is ``torch.jit.is_tracing()`` without its two
+    Python calls (this runs on every block call).
+    """
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward (activation checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Frames:
+    """Per-thread grids of the calls of one model in flight: a stack of frames, one per call of the model.
+
+    Registered once per model (shared by all of its grid sources): a forward pre-hook on the model pushes a
+    frame, a forward hook (``always_call``, so exceptions too) pops it. A source records its grid into the
+    top frame of the calling thread; a converted block reads it from there. Nothing is shared between
+    threads and no lock is taken. The bottom frame of each thread holds the grids of calls that do not go
+    through the model's ``__call__`` (``forward_features``, a wrapper calling ``model.forward``); the next
+    outermost call of the model clears it.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._handles: list = []
+        self.sources: set[GridSource] = set()  # the attached sources (the copies, in a copy)
+
+    # threading.local can be neither deep-copied nor pickled: a copy starts with no call in flight
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict) -> _Frames:
+        new = _Frames.__new__(_Frames)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    @staticmethod
+    def of(model: nn.Module) -> _Frames:
+        """The frames of ``model``: found among its forward pre-hooks, or registered now."""
+        for hook in model._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, _Frames):
+                return owner
+        frames = _Frames()
+        frames._handles = [model.register_forward_pre_hook(frames._push),
+                           model.register_forward_hook(frames._pop, always_call=True)]
+        return frames
+
+    def release(self, source: GridSource) -> None:
+        self.sources.discard(source)
+        if not self.sources:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+
+    def stack(self) -> list[dict]:
+        """This thread's frames, bottom first (created on first use)."""
+        try:
+            return self._local.stack
+        except AttributeError:
+            self._local.stack = stack = [{}]
+            return stack
+
+    def _push(self, module: nn.Module, args: tuple) -> None:
+        if not _tracing():
+            stack = self.stack()
+            if len(stack) == 1:  # an outermost call: grids recorded outside earlier calls are stale now
+                stack[0].clear()
+            stack.append({})
+
+    def _pop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not _tracing():
+            stack = self.stack()
+            if len(stack) > 1:
+                stack.pop()
+
+
 class GridSource:
-    """Holds the current token grid of one source; installed as a hook on the source module."""
+    """The token grid of one source module: a hook records it on every call, converted blocks read it.
+
+    Eager calls keep their grids per thread and per call of the model (see :class:`_Frames`), so one model
+    may serve several threads at once and may be called inside another model's forward. Under
+    torch.compile / torch.export / tracing the grid is a plain attribute: those trace the hooks into the
+    graph, where the grid is an expression of the input shape. :attr:`hw` reads the last grid recorded in any
+    thread (for inspection); setting it pins a grid for blocks called on their own, outside a model call.
+    """
 
     def __init__(self, spec: GridSpec) -> None:
         self.spec = spec
-        self.hw: tuple[Any, Any] | None = spec.static
+        self._last: tuple[Any, Any] | None = spec.static  # last recorded grid, any thread; read when tracing
+        self._pinned: tuple[Any, Any] | None = spec.static  # set by hand (``hw = ...``) or a fixed grid
         self._handle = None
+        self._frames: _Frames | None = None
+
+    @property
+    def hw(self) -> tuple[Any, Any] | None:
+        """The last grid recorded (in any thread), or the pinned one; assign ``(h, w)`` to pin a grid."""
+        return self._last
+
+    @hw.setter
+    def hw(self, value: tuple[Any, Any] | None) -> None:
+        self._pinned = self._last = value
 
     def attach(self, model: nn.Module) -> None:
+        """Hook the source module of ``model`` (and, once per model, the model); a no-op if attached."""
         if self.spec.kind in ("static", "bhwc") or self._handle is not None:
             return
         mod = model.get_submodule(self.spec.module)
+        frames = _Frames.of(model)
         if self.spec.phase == "input":
             self._handle = mod.register_forward_pre_hook(self._pre, with_kwargs=True)
         else:
             self._handle = mod.register_forward_hook(self._post)
+        frames.sources.add(self)
+        self._frames = frames
 
     def detach(self) -> None:
+        """Remove the hooks (the model's own hooks go with the last source of the model)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._frames is not None:
+            self._frames.release(self)
+            self._frames = None
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.hw = self.spec.read((args, kwargs))
+        self._record(self.spec.read((args, kwargs)))
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.hw = self.spec.read(output)
+        self._record(self.spec.read(output))
+
+    def _record(self, hw: tuple[Any, Any]) -> None:
+        self._last = hw
+        if self._frames is not None and not _tracing():
+            self._frames.stack()[-1][self] = hw
 
     def get(self) -> tuple[Any, Any]:
-        hw = self.hw
+        """The (H, W) grid of the current call; ``RuntimeError`` when its source did not run in this call."""
+        frames = self._frames
+        if frames is None or _tracing():
+            hw = self._last
+        else:
+            hw = frames.stack()[-1].get(self)
+            if hw is None:
+                hw = self._pinned
+            if hw is None and _in_backward():  # activation checkpointing: a block recomputed in backward
+                hw = self._last
         if hw is None:
             raise RuntimeError(
-                f"localify: the token grid of this block was never set; its source "
-                f"({self.spec.describe()}) did not run before it. Call the whole model, not the block alone."
+                f"localify: the token grid of this block was never set for this call: its source "
+                f"({self.spec.describe()}) did not run before it in this call of the model. Call the whole "
+                f"model, not the block alone."
             )
         return hw
 

@@ -35,9 +35,12 @@ def parse_layers(spec: str | int | Iterable[int] | None, num_blocks: int | None)
     if _is_int(spec):
         spec = [spec]
     if not isinstance(spec, str):
-        if isinstance(spec, bool) or not isinstance(spec, Iterable):
-            raise LayerSpecError(f"layers={spec!r} is not a layer specification{valid}")
-        items = list(spec)
+        try:
+            if isinstance(spec, (bool, bytes, bytearray)):
+                raise TypeError
+            items = list(spec)
+        except TypeError:  # not iterable (a float, a 0-d array) or bytes (which iterate as ints)
+            raise LayerSpecError(f"layers={spec!r} is not a layer specification{valid}") from None
         bad = [i for i in items if not _is_int(i)]
         if bad:
             raise LayerSpecError(f"layers={spec!r} holds {bad[0]!r}, not a block number: give whole numbers "

@@ -53,8 +53,8 @@ def train(model: torch.nn.Module, steps: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def main(out: Path, variants: list[str]) -> None:
+    torch.set_num_threads(1)  # tests/test_ddp.py recomputes outputs with as many threads (WORKER_THREADS)
     dist.init_process_group("gloo")
-    torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     for variant in variants:
         model = build(variant)

@@ -3,11 +3,13 @@ SyncBatchNorm for the ``localvit`` BatchNorms, checkpoints from rank 0; and the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,22 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
+ARCH = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)  # the tiny ViT of ddp_worker.py
+ARCH_ARG = ",".join(f"{k}={v}" for k, v in ARCH.items())
+WORKER_THREADS = 1  # torch threads of every worker process (OMP_NUM_THREADS and ddp_worker.py)
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch threads, as the worker processes do: reductions then split the same way."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -28,7 +46,8 @@ def _free_port() -> int:
 
 
 def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(WORKER_THREADS), "MASTER_ADDR": "127.0.0.1",
+           "PYTHONPATH": str(ROOT)}
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
@@ -47,11 +66,10 @@ def test_ddp_two_processes_gloo(tmp_path):
         r0 = load_file(str(tmp_path / f"{variant}-rank0.safetensors"))
         r1 = load_file(str(tmp_path / f"{variant}-rank1.safetensors"))
         assert r0.keys() == r1.keys()
-        for k in r0:
+        for k in r0:  # bitwise: every rank applies the same all-reduced gradients to the same weights
             assert torch.equal(r0[k], r1[k]), (variant, k)
         ref = load_file(str(tmp_path / f"{variant}-reference.safetensors"))
-        start = localify.create_model("vit_small_patch16_224", embed_dim=32, depth=2, num_heads=2, img_size=32,
-                                      num_classes=4)
+        start = localify.create_model("vit_small_patch16_224", **ARCH, num_classes=4)
         moved = 0
         for k in r0:  # equal to the single-process full-batch run (SyncBatchNorm statistics included)
             assert torch.allclose(r0[k].double(), ref[k].double(), rtol=1e-4, atol=1e-5), (variant, k)
@@ -65,14 +83,13 @@ def test_ddp_two_processes_gloo(tmp_path):
         for k in r0:
             assert torch.equal(sd[k], r0[k]), (variant, k)
         io = load_file(str(tmp_path / f"{variant}-outputs.safetensors"))
-        with torch.no_grad():
-            assert torch.equal(back(io["x"]), io["y"])
+        with torch.no_grad(), _num_threads(WORKER_THREADS):  # same thread count as the workers, and a
+            torch.testing.assert_close(back(io["x"]), io["y"], rtol=1e-5, atol=1e-6)  # tolerance all the same
 
 
 def test_sync_batchnorm_converts_localvit_blocks():
     torch.manual_seed(0)
-    model = localify.create_model("vit_small_patch16_224", embed_dim=32, depth=2, num_heads=2, img_size=32,
-                                  num_classes=4)
+    model = localify.create_model("vit_small_patch16_224", **ARCH, num_classes=4)
     localify.localify(model, variant="localvit")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bn = model.blocks[0].mlp.bn1
@@ -84,8 +101,7 @@ def test_sync_batchnorm_converts_localvit_blocks():
     assert model.state_dict().keys() == before.keys()
     # without a process group it is a plain BatchNorm: same outputs in train and eval mode on (rows, C)
     x = torch.randn(2, 3, 32, 32)
-    ref = localify.create_model("vit_small_patch16_224", embed_dim=32, depth=2, num_heads=2, img_size=32,
-                                num_classes=4)
+    ref = localify.create_model("vit_small_patch16_224", **ARCH, num_classes=4)
     localify.localify(ref, variant="localvit")
     ref.load_state_dict(before)
     for mode in (True, False):
@@ -112,7 +128,7 @@ def test_train_script_dry_run(tmp_path):
     train = _train_script()
     out = tmp_path / "run"
     summary = train.main([
-        "vit_small_patch16_224", "--model-kwargs", "embed_dim=32,depth=2,num_heads=2,img_size=32",
+        "vit_small_patch16_224", "--model-kwargs", ARCH_ARG,
         "--dry-run", "--steps", "2", "--batch-size", "4", "--variant", "localvit", "--locality-only", "--head",
         "--output", str(out), "--workers", "0", "--no-progress",
     ])
@@ -132,12 +148,11 @@ def test_train_script_dry_run(tmp_path):
 def test_train_script_pretrained(tmp_path, offline_hf_cache):
     """--pretrained: timm's released weights from the (offline) cache, the head re-made for the new classes;
     with --locality-only the backbone stays what was released."""
-    arch = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)
     torch.manual_seed(4)
-    released = localify.create_model("vit_small_patch16_224", **arch).state_dict()
+    released = localify.create_model("vit_small_patch16_224", **ARCH).state_dict()
     offline_hf_cache("timm/vit_small_patch16_224.augreg_in21k_ft_in1k", released)
     summary = _train_script().main([
-        "vit_small_patch16_224", "--model-kwargs", "embed_dim=32,depth=2,num_heads=2,img_size=32", "--pretrained",
+        "vit_small_patch16_224", "--model-kwargs", ARCH_ARG, "--pretrained",
         "--dry-run", "--steps", "1", "--batch-size", "4", "--locality-only", "--head", "--output",
         str(tmp_path / "run"), "--workers", "0", "--no-progress",
     ])
@@ -161,7 +176,7 @@ def test_train_script_torchrun_imagefolder(tmp_path):
             Image.new("RGB", (40 + 4 * i, 36), color).save(d / f"{i}.png")
     out = tmp_path / "run"
     proc = _torchrun([str(ROOT / "examples" / "train.py"), "vit_small_patch16_224", "--model-kwargs",
-                      "embed_dim=32,depth=2,num_heads=2,img_size=32", "--data", str(tmp_path / "data"),
+                      ARCH_ARG, "--data", str(tmp_path / "data"),
                       "--steps", "2", "--batch-size", "2", "--variant", "localvit", "--output", str(out),
                       "--workers", "0", "--no-progress", "--save-every", "1"])
     assert "world size 2" in proc.stdout
