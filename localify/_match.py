@@ -45,7 +45,9 @@ class MLPMatch:
 
     @property
     def input(self) -> fx.Node:
-        return strip_slices(self.fc1[0].args[0])
+        """The tensor the first projection reads: the MLP's tokens, slices included (an MLP on ``x[:, :1]``
+        sees one token, not the whole sequence)."""
+        return self.fc1[0].args[0]
 
 
 def strip_slices(node: fx.Node) -> fx.Node:
@@ -150,17 +152,19 @@ def _is_gate(idx: GraphIndex, node: fx.Node, first: set[fx.Node], memo: dict) ->
 
 
 def _shared(fc1: list[fx.Node], body: set[fx.Node], l2: fx.Node) -> bool:
-    """Whether a first projection's output reaches, through layout ops only, a consumer outside the MLP."""
+    """Whether a first projection's output, or a body op computed from it (a split of a packed projection),
+    also feeds a consumer outside the MLP."""
     stack = [u for n in fc1 for u in n.users]
     seen: set[fx.Node] = set()
     while stack:
         n = stack.pop()
-        if n in seen or n is l2 or n in body:
+        if n in seen or n is l2:
             continue
         seen.add(n)
-        if not hasattr(n.meta.get("val"), "shape"):  # sym_size and the like read shapes, not values
-            continue
-        return True
+        if n in body:
+            stack.extend(n.users)
+        elif hasattr(n.meta.get("val"), "shape") or isinstance(n.meta.get("val"), (list, tuple)):
+            return True  # (sym_size and the like read shapes, not values)
     return False
 
 

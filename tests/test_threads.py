@@ -304,8 +304,6 @@ def test_copies_record_their_own_grids(how, tmp_path):
     assert _root_hooks(copied) == (hooks[0] - 1, hooks[1] - 1) and _root_hooks(model) == hooks
 
 
-@pytest.mark.xfail(strict=True, reason="LocalifyState.plan keeps the traced torch.export graph on the model "
-                   "(localify/_convert.py), which does not pickle")
 def test_pickle_a_freshly_converted_model():
     import pickle
 
