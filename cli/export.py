@@ -109,8 +109,7 @@ def export(
     """
     out = Output(json_, quiet)
     spec = InputSpec(input_size, example_inputs)
-    if output.suffix != ".onnx":
-        raise typer.BadParameter(f"{output}: the output must end in .onnx", param_hint="-o/--output")
+    localify.check_export_path(output, force=force)  # before any work is done (the export checks again)
     if is_saved_path(target):
         if pretrained:
             raise typer.BadParameter("--pretrained applies to a MODEL source, not to a saved file (it holds its "

@@ -16,7 +16,7 @@ from ._checkpoint import load_checkpoint, load_tensors
 from ._compare import OutputCheck, base_state_dict, compare_outputs, example_inputs, max_difference
 from ._convert import conversion_plan, fuse, localify
 from ._distributed import AllReduceBatchNorm, sync_batchnorm
-from ._export import ExportError, OnnxExport, export_onnx
+from ._export import ExportError, OnnxExport, check_export_path, export_onnx
 from ._grid import GridSpec
 from ._io import check_save_path, load, read_recipe, save
 from ._peft import TrainableReport, lora_targets, mark_trainable
@@ -69,6 +69,7 @@ __all__ = [
     "lora_targets",
     "TrainableReport",
     "export_onnx",
+    "check_export_path",
     "OnnxExport",
     "ExportError",
     "sync_batchnorm",

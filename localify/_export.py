@@ -32,7 +32,7 @@ from ._splice import get_state, localify_modules
 from ._trace import ExampleInputs, eval_mode, make_example_inputs
 from .errors import LocalifyError, first_line
 
-__all__ = ["export_onnx", "OnnxExport", "ExportError", "dynamic_shapes_for"]
+__all__ = ["export_onnx", "check_export_path", "OnnxExport", "ExportError", "dynamic_shapes_for"]
 
 
 class ExportError(LocalifyError, RuntimeError):
@@ -168,6 +168,12 @@ def _output_tensors(out: Any) -> tuple[list[str] | None, list[torch.Tensor]]:
     return None, leaves
 
 
+def check_export_path(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """The rule :func:`export_onnx` applies to its output (a ``.onnx`` file in a writable directory, not
+    replacing one without ``force``), checked without exporting."""
+    return check_output_path(path, suffixes=(".onnx",), force=force, error=ExportError)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -216,7 +222,7 @@ def export_onnx(
     """
     if dynamic not in (True, False, "auto", "batch"):
         raise ExportError(f"dynamic={dynamic!r}: choose True ('auto'), 'batch' or False")
-    path = check_output_path(path, suffixes=(".onnx",), force=force, error=ExportError)
+    path = check_export_path(path, force=force)
     for mod in ("onnx", "onnxscript"):
         try:
             __import__(mod)
