@@ -9,11 +9,12 @@ per model, counts on top) and a JSON file of the raw results.
     OMP_NUM_THREADS=1 python scripts/sweep.py --all --out sweep.md --json sweep.json
     python scripts/sweep.py --timm --family 'swin|hiera' --limit 5
 
-Statuses: ``converted`` (and the check passed), ``mismatch`` (converted, outputs changed), ``refused`` (every MLP
-found was left alone, with the reasons), ``untraceable`` (``TraceError``), ``no_mlp`` (``NoMLPFoundError``),
-``example_input`` (``ExampleInputError``), ``localify_error`` (another ``LocalifyError``), ``build_failed`` (the
-library itself could not build or run the model: not localify's fault), ``crashed`` (any other exception from
-localify or from running the converted model: a bug), ``timeout``, ``died`` (the worker process died).
+Statuses: ``converted`` (and the check passed), ``mismatch`` (converted, outputs changed), ``refused``
+(every MLP found was left alone, with the reasons), ``untraceable`` (``TraceError``), ``no_mlp``
+(``NoMLPFoundError``), ``example_input`` (``ExampleInputError``), ``localify_error`` (another
+``LocalifyError``), ``build_failed`` (the library itself could not build the model: not localify's fault),
+``too_large`` (still over the parameter limit after shrinking), ``crashed`` (any other exception from localify
+or from running the converted model: a bug), ``timeout``, ``died`` (the worker process died), ``skipped``.
 A converted site counts as *unproven* unless localify attached a grid proof that holds (``site.proof``).
 """
 
@@ -144,7 +145,8 @@ def hf_spec(model_type: str, image_types: set[str] | None = None) -> dict | None
         sub is not None and _has_vision_attrs(getattr(cfg, sub)))
     if not vision:
         return None
-    why = tables.HF_SKIP.get(t) or next((w for suf, w in tables.HF_SKIP_SUFFIX.items() if t.endswith(suf)), None)
+    why = tables.HF_SKIP.get(t) or next(
+        (w for suf, w in tables.HF_SKIP_SUFFIX.items() if t.endswith(suf)), None)
     if why:
         return {**base, "skip": why}
     key = (getattr(getattr(cfg, sub), "model_type", None) or t) if sub else t
@@ -247,7 +249,8 @@ def own_input(model: Any) -> tuple[str | None, Any]:
         params = []
     key = next((k for k in ("pixel_values", "pixel_values_videos") if k in params), "pixel_values")
     shape = (BATCH, int(chans), *size)
-    if isinstance(frames, int) and frames > 0 and (key == "pixel_values_videos" or hasattr(cfg, "num_frames")):
+    video = key == "pixel_values_videos" or hasattr(cfg, "num_frames")
+    if isinstance(frames, int) and frames > 0 and video:
         shape = (BATCH, frames, int(chans), *size)
     g = torch.Generator().manual_seed(0)
     return key, torch.randn(*shape, generator=g)
@@ -356,16 +359,22 @@ def _pow2_heads(h: int, stage: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+def _int_list(v: Any) -> bool:
+    return isinstance(v, (tuple, list)) and bool(v) and all(
+        isinstance(d, int) and not isinstance(d, bool) for d in v)
+
+
 def _shrink_kwargs(vals: dict, shallow: bool = False) -> dict:
     """Generic shrink of the constructor kwargs in ``vals`` (what the variant passes, merged with the class
-    defaults): 2 blocks (1 per stage), 64-wide with 2 heads (32 per head and stage for hierarchical models)."""
+    defaults): 2 blocks (1 per stage), 64 wide with 2 heads (32 per head and stage for hierarchical
+    models)."""
     out: dict = {}
     for key in ("depth", "num_blocks"):  # blocks of a plain ViT / MLP-Mixer
         if isinstance(vals.get(key), int) and not isinstance(vals[key], bool) and vals[key] > 2:
             out[key] = 2
-    for key in ("depth", "depths", "layers", "stages"):  # blocks per stage (Swin, ResNet / VOLO / Sequencer, Hiera)
+    for key in ("depth", "depths", "layers", "stages"):  # blocks per stage (Swin, ResNet, VOLO, Hiera)
         v = vals.get(key)
-        if isinstance(v, (tuple, list)) and v and all(isinstance(d, int) and not isinstance(d, bool) for d in v):
+        if _int_list(v):
             out[key] = tuple(min(d, 1) for d in v)
     if shallow:
         return out
@@ -384,7 +393,7 @@ def _shrink_kwargs(vals: dict, shallow: bool = False) -> dict:
     if "embed_dims" not in out and isinstance(dims, (tuple, list)) and dims and all(
             isinstance(d, int) for d in dims):
         out["embed_dims"] = tuple(min(d, 32 << i) for i, d in enumerate(dims))
-    if "embed_dim" not in out and isinstance(dim, (tuple, list)) and dim and all(isinstance(d, int) for d in dim):
+    if "embed_dim" not in out and _int_list(dim):
         out["embed_dim"] = tuple(min(d, 32 << i) for i, d in enumerate(dim))
     if isinstance(vals.get("dims"), (tuple, list)) and all(isinstance(d, int) for d in vals["dims"]):
         out["dims"] = tuple(min(d, 32 << i) for i, d in enumerate(vals["dims"]))
@@ -697,7 +706,8 @@ def _classify_error(e: BaseException) -> str:
 
     for cls, status in ((localify.TraceError, "untraceable"), (localify.NoMLPFoundError, "no_mlp"),
                         (localify.ExampleInputError, "example_input"),
-                        (localify.NotLocalifiableError, "refused"), (localify.LocalifyError, "localify_error")):
+                        (localify.NotLocalifiableError, "refused"),
+                        (localify.LocalifyError, "localify_error")):
         if isinstance(e, cls):
             return status
     return "crashed"
@@ -758,12 +768,12 @@ def run_one(spec: dict, timeout: float | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    res: dict = {k: spec.get(k) for k in ("library", "family", "name", "note", "types")}
+    res: dict = _ident(spec)
     res.update(status=None, sites=[], error=None, times={})
     if spec.get("skip"):
         res.update(status="skipped", error={"type": "skip", "message": spec["skip"]})
         return res
-    t_all = time.perf_counter()
+    t_all, cpu_all = time.perf_counter(), time.process_time()
     if timeout:
         def on_alarm(signum, frame):
             raise SweepTimeout
@@ -804,11 +814,12 @@ def run_one(spec: dict, timeout: float | None = None) -> dict:
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, 0)
         res["times"]["total"] = time.perf_counter() - t_all
+        res["times"]["cpu"] = time.process_time() - cpu_all
     return res
 
 
 def _runs(res: dict) -> list[tuple[str, dict]]:
-    """The localify runs of one result: ("default", res) and, if there was one, ("own input", res["own_input"])."""
+    """The localify runs of one result: ("default", res) and, if there was one, ("own input", its run)."""
     return [("default", res)] + ([("own input", res["own_input"])] if res.get("own_input") else [])
 
 
@@ -819,12 +830,16 @@ def unproven(res: dict) -> list[dict]:
 
 
 def suspicious(res: dict) -> list[tuple[str, dict]]:
-    """Converted sites whose grid does not look like a patch grid of the input, with the run they come from."""
+    """Converted sites whose grid does not look like a patch grid of the input, with their run's label."""
     return [(label, s) for label, run in _runs(res) if run["status"] in ("converted", "mismatch")
             for s in run["sites"] if s["status"] == "convertible" and s.get("suspicious")]
 
 
 # ============================================================================================ pool
+def _ident(spec: dict) -> dict:
+    return {k: spec.get(k) for k in ("library", "family", "name", "note", "types")}
+
+
 def _init_worker() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -855,7 +870,7 @@ def run_all(specs: list[dict], workers: int, timeout: float, log: Any = print) -
 
     def new_pool() -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                      max_tasks_per_child=25)
+                                      max_tasks_per_child=100)
 
     pool = new_pool()
     running: dict[cf.Future, tuple[int, float]] = {}
@@ -876,8 +891,7 @@ def run_all(specs: list[dict], workers: int, timeout: float, log: Any = print) -
                     if retries[i] <= 1:
                         todo.append(i)
                         continue
-                    results[i] = {**{k: specs[i].get(k) for k in ("library", "family", "name", "note", "types")},
-                                  "status": "died", "sites": [], "times": {},
+                    results[i] = {**_ident(specs[i]), "status": "died", "sites": [], "times": {},
                                   "error": {"type": type(e).__name__, "message": _first_line(e)}}
                 _progress(log, len(results), len(specs), results[i], t_start)
             now = time.perf_counter()
@@ -885,9 +899,9 @@ def run_all(specs: list[dict], workers: int, timeout: float, log: Any = print) -
             if stuck or broken:
                 for f in stuck:
                     i, _ = running.pop(f)
-                    results[i] = {**{k: specs[i].get(k) for k in ("library", "family", "name", "note", "types")},
-                                  "status": "timeout", "sites": [], "times": {},
-                                  "error": {"type": "timeout", "message": f"worker stuck over {timeout + 60:.0f} s"}}
+                    results[i] = {**_ident(specs[i]), "status": "timeout", "sites": [], "times": {},
+                                  "error": {"type": "timeout",
+                                            "message": f"worker stuck over {timeout + 60:.0f} s"}}
                     _progress(log, len(results), len(specs), results[i], t_start)
                 for i, _t in running.values():  # their worker may be the one killed: run them again
                     todo.append(i)
@@ -965,8 +979,9 @@ def write_markdown(results: list[dict], path: Path, meta: dict) -> None:
         "",
         f"{summ['models']} models ({', '.join(f'{k} {v}' for k, v in summ['by_library'].items())}), built by "
         f"`scripts/sweep.py` (tiny, random init); {meta.get('seconds', 0):.0f} s with {meta.get('workers')} "
-        f"worker(s), {meta.get('timeout'):.0f} s per model; torch {meta.get('torch')}, timm {meta.get('timm')}, "
-        f"transformers {meta.get('transformers')}.",
+        f"worker(s), {meta.get('timeout'):.0f} s per model ({meta.get('cpu_seconds', 0):.0f} CPU s in the "
+        f"workers; load average at the end {', '.join(f'{x:.1f}' for x in meta.get('load_average', ()))}); "
+        f"torch {meta.get('torch')}, timm {meta.get('timm')}, transformers {meta.get('transformers')}.",
         "",
         "| converted (check passed) | output mismatch | refused | untraceable | no MLP | example input | "
         "other localify error | **crashed** | timeout | worker died | build failed | too large | skipped |",
@@ -976,8 +991,8 @@ def write_markdown(results: list[dict], path: Path, meta: dict) -> None:
         f"{c['build_failed']} | {c['too_large']} | {c['skipped']} |",
         "",
         f"MLP sites found: {summ['sites']}; converted: {summ['converted_sites']}; **unproven conversions: "
-        f"{summ['unproven_sites']} site(s) in {summ['unproven_models']} model(s)** (converted without a grid proof "
-        f"that holds); converted sites whose grid does not look like a patch grid of the input: "
+        f"{summ['unproven_sites']} site(s) in {summ['unproven_models']} model(s)** (converted without a grid "
+        f"proof that holds); converted sites whose grid does not look like a patch grid of the input: "
         f"{summ['suspicious_sites']}. Crashes in all runs: **{summ['crashed_total']}**; output mismatches: "
         f"**{summ['mismatch_total']}**.",
         "",
@@ -999,18 +1014,22 @@ def write_markdown(results: list[dict], path: Path, meta: dict) -> None:
             note.append("suspicious grid: " + _cell("; ".join(sorted(susp)), 80))
         own = r.get("own_input")
         if own:
+            err = own.get("error") or {}
             note.append(f"own input {own['input'][0]} {'x'.join(map(str, own['input'][1]))}: {own['status']} "
-                        f"{_conv_cell(own)}" + (f" ({_cell(own['error'].get('type'), 30)}: "
-                                                f"{_cell(own['error'].get('message'), 60)})" if own.get("error") else ""))
+                        f"{_conv_cell(own)}")
+            if err:
+                note[-1] += f" ({_cell(err.get('type'), 30)}: {_cell(err.get('message'), 60)})"
         if r.get("build", {}).get("forward_error"):
             note.append("does not run on pixels alone: " + _cell(r["build"]["forward_error"], 90))
         if r.get("types") and len(r["types"]) > 1:
             note.append("also " + _cell(", ".join(t for t in r["types"] if t != r["name"]), 80))
         if r.get("build", {}).get("attempt") in ("shallow", "default"):
             note.append(f"built with {r['build']['attempt']} kwargs")
-        name = r["name"] + (f" ({r.get('model_class')})" if r["library"] == "hf" and r.get("model_class") else "")
-        lines.append(f"| {r['library']} | {r['family']} | {_cell(name, 70)} | {len(r['sites'])} | {_conv_cell(r)} | "
-                     f"{_cell(_first_refusal(r), 70)} | {status} | {' · '.join(note)} |")
+        name = r["name"]
+        if r["library"] == "hf" and r.get("model_class"):
+            name += f" ({r['model_class']})"
+        lines.append(f"| {r['library']} | {r['family']} | {_cell(name, 70)} | {len(r['sites'])} | "
+                     f"{_conv_cell(r)} | {_cell(_first_refusal(r), 70)} | {status} | {' · '.join(note)} |")
 
     def section(title: str, rows: list[str]) -> None:
         lines.extend(["", f"## {title} ({len(rows)})", ""] + (rows or ["none"]))
@@ -1018,14 +1037,16 @@ def write_markdown(results: list[dict], path: Path, meta: dict) -> None:
     runs = [(r, label, run) for r in ordered for label, run in _runs(r)]
     section("Crashes", [f"- {r['library']} `{r['name']}` ({label}): {run['error']['type']}: "
                        f"{_cell(run['error']['message'], 160)} — at `{run['error'].get('where')}` "
-                       f"({run['error'].get('step')})" for r, label, run in runs if run["status"] == "crashed"])
+                       f"({run['error'].get('step')})"
+                       for r, label, run in runs if run["status"] == "crashed"])
     section("Output mismatches", [f"- {r['library']} `{r['name']}` ({label}): max relative error "
                                   f"{run.get('max_rel_err'):.3g}" for r, label, run in runs
                                   if run["status"] == "mismatch"])
     section("Untraceable", [f"- {r['library']} `{r['name']}` ({label}): {_cell(run['error']['message'], 200)}"
                             for r, label, run in runs if run["status"] == "untraceable"])
-    section("Example-input errors", [f"- {r['library']} `{r['name']}` ({label}): {_cell(run['error']['message'], 200)}"
-                                     for r, label, run in runs if run["status"] == "example_input"])
+    section("Example-input errors", [
+        f"- {r['library']} `{r['name']}` ({label}): {_cell(run['error']['message'], 200)}"
+        for r, label, run in runs if run["status"] == "example_input"])
     section("Converted sites with a suspicious grid", [
         f"- {r['library']} `{r['name']}` ({label}) block {s['block']} `{s['path']}`: {s['tokens']} "
         f"{s['layout']} — {s['suspicious']}" for r in ordered for label, s in suspicious(r)])
@@ -1062,7 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = specs[: args.limit]
     if args.list:
         for s in specs:
-            print(f"{s['library']:<4} {s['family']:<28} {s['name']}" + (f"  (skip: {s['skip']})" if s.get("skip") else ""))
+            skip = f"  (skip: {s['skip']})" if s.get("skip") else ""
+            print(f"{s['library']:<4} {s['family']:<28} {s['name']}{skip}")
         print(f"{len(specs)} models")
         return 0
     print(f"sweep: {len(specs)} models, {args.workers} worker(s), {args.timeout:.0f} s each", flush=True)
@@ -1073,11 +1095,13 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     meta = {"seconds": time.perf_counter() - t0, "workers": args.workers, "timeout": args.timeout,
+            "cpu_seconds": sum(r.get("times", {}).get("cpu", 0.0) for r in results),
+            "load_average": os.getloadavg(),
             "torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__}
     write_markdown(results, Path(args.out), meta)
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "summary": summarize(results), "results": results},
-                                              indent=1, default=repr))
+        doc = {"meta": meta, "summary": summarize(results), "results": results}
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=repr))
     summ = summarize(results)
     print(json.dumps(summ["counts"]), flush=True)
     print(f"unproven conversions: {summ['unproven_sites']} site(s) in {summ['unproven_models']} model(s); "

@@ -130,7 +130,7 @@ TIMM_VARIANT: dict[str, str] = {
 # module, as for every other model.
 TIMM_EXTRA: dict[str, str] = {
     "vit_little_patch16_reg4_gap_256": "4 register tokens, no class token, average pool",
-    "vit_pwee_patch16_reg1_gap_256": "parallel block packing q, k, v and fc1 into one Linear (ParallelScalingBlock)",
+    "vit_pwee_patch16_reg1_gap_256": "parallel block: q, k, v and fc1 in one Linear (ParallelScalingBlock)",
     "vit_small_patch16_18x2_224": "two MLPs side by side in one block (ParallelThingsBlock)",
     "vit_base_patch16_clip_quickgelu_224": "QuickGELU written out (x * sigmoid(1.702 x))",
     "vit_base_patch16_siglip_224": "no class token, attention-pool head (an MLP on the pooled token)",
@@ -159,8 +159,8 @@ TIMM_EXTRA: dict[str, str] = {
     "eva02_small_patch14_224": "EVA-02 small: SwiGLU, rotary, class token",
 }
 
-# timm family -> constructor kwargs tried before the generic shrink (then the generic shrink, then the variant's
-# own kwargs). Every entry says why the generic rule does not fit.
+# timm family -> constructor kwargs tried before the generic shrink (then the generic shrink, then the
+# variant's own kwargs). Every entry says why the generic rule does not fit.
 TIMM_KWARGS: dict[str, dict | None] = {
     # default input is 1024x1024 with a 64x64 grid: 256 px keeps the windowed + global attention layout
     "vision_transformer_sam": {"img_size": 256, "depth": 2, "embed_dim": 64, "num_heads": 2,
@@ -201,7 +201,8 @@ HF_OVERRIDES: dict[str, dict] = {
     "dinat": {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]},
     "focalnet": {"embed_dim": 32, "depths": [1, 1, 1, 1]},
     "pvt": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 2, 2]},
-    "pvt_v2": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 2, 2]},
+    "pvt_v2": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1],
+               "num_attention_heads": [1, 1, 2, 2]},
     "segformer": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1],
                   "num_attention_heads": [1, 1, 2, 2], "decoder_hidden_size": 32},
     "convnext": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1]},

@@ -37,8 +37,8 @@ EXPECTED: dict[tuple[str, str], tuple[str, list[tuple[str, str | None]]]] = {
     # class + 4 register tokens, 14 px patches at DINOv2's 518 px
     ("timm", "vit_small_patch14_reg4_dinov2"): ("converted", [("convertible", "5+37x37")] * 2),
     # windowed attention: the MLP sees the whole (un-windowed) map of each stage
-    ("timm", "swin_tiny_patch4_window7_224"): ("converted", [("convertible", "56x56"), ("convertible", "28x28"),
-                                                            ("convertible", "14x14"), ("convertible", "7x7")]),
+    ("timm", "swin_tiny_patch4_window7_224"): ("converted", [("convertible", g)
+                                                            for g in ("56x56", "28x28", "14x14", "7x7")]),
     # rotary embeddings + SwiGLU
     ("timm", "eva02_tiny_patch14_224"): ("converted", [("convertible", "1+16x16")] * 2),
     # class token added late: the class-attention MLP sees one token
@@ -47,10 +47,11 @@ EXPECTED: dict[tuple[str, str], tuple[str, list[tuple[str, str | None]]]] = {
     ("timm", "pvt_v2_b0"): ("refused", [("already_local", "56x56"), ("already_local", "28x28"),
                                         ("already_local", "14x14"), ("already_local", "7x7")]),
     # MaxViT: block and grid attention MLPs on (B, H, W, C) maps
-    ("timm", "test_maxvit"): ("converted", [("convertible", g) for g in
-                                            ("40x40", "40x40", "20x20", "20x20", "10x10", "10x10", "5x5", "5x5")]),
+    ("timm", "test_maxvit"): ("converted", [("convertible", g) for g in ("40x40", "40x40", "20x20", "20x20",
+                                                                         "10x10", "10x10", "5x5", "5x5")]),
     # ConvNeXt with Linear MLPs on channels-last maps
-    ("timm", "test_convnext"): ("converted", [("convertible", g) for g in ("40x40", "20x20", "10x10", "5x5")]),
+    ("timm", "test_convnext"): ("converted", [("convertible", g)
+                                              for g in ("40x40", "20x20", "10x10", "5x5")]),
     ("hf", "vit"): ("converted", [("convertible", "1+14x14")] * 2),
     ("hf", "swin"): ("converted", [("convertible", g) for g in ("56x56", "28x28", "14x14", "7x7")]),
     ("hf", "dinov2"): ("converted", [("convertible", "1+16x16")] * 2),
