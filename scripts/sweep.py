@@ -141,8 +141,8 @@ def hf_spec(model_type: str, image_types: set[str] | None = None) -> dict | None
     except Exception as e:  # noqa: BLE001 - a config that cannot be built is reported, not fatal
         return {**base, "config_error": f"{type(e).__name__}: {_first_line(e)}"} if t in image_types else None
     sub = _vision_subconfig(cfg)
-    vision = t in image_types or _has_vision_attrs(cfg) or (
-        sub is not None and _has_vision_attrs(getattr(cfg, sub)))
+    vision = t in image_types or _has_vision_attrs(cfg) or any(
+        _has_vision_attrs(getattr(cfg, a)) for a in (sub, "backbone_config") if a and getattr(cfg, a, None))
     if not vision:
         return None
     why = tables.HF_SKIP.get(t) or next(
@@ -476,9 +476,9 @@ def _hf_overrides(cfg: Any, model_type: str, shallow: bool) -> dict:
             out["hidden_sizes"] = [min(h, 16 << i) for i, h in enumerate(hs)]
         if isinstance(d.get("depths"), (list, tuple)):
             out["depths"] = [1] * len(d["depths"])
-        out.update(tables.HF_OVERRIDES.get(model_type, {}))
     elif isinstance(d.get("depths"), (list, tuple)):
         out["depths"] = [1] * len(d["depths"])
+    out.update(tables.HF_OVERRIDES.get(model_type, {}))
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -554,9 +554,12 @@ def build_hf(spec: dict) -> tuple[Any, dict]:
         try:
             ov = {} if label == "default" else _hf_overrides(cfg, cfg.model_type, shallow=label == "shallow")
             bb = getattr(cfg, "backbone_config", None)
+            bb_ov = ov.pop("backbone_config", {})
             c = _rebuild_config(cfg, ov)
             if bb is not None and label != "default" and hasattr(bb, "to_dict"):
-                c.backbone_config = _rebuild_config(bb, _hf_overrides(bb, bb.model_type, label == "shallow"))
+                bb_ov = {**_hf_overrides(bb, bb.model_type, label == "shallow"), **bb_ov}
+                c.backbone_config = _rebuild_config(bb, bb_ov)
+                ov["backbone_config"] = bb_ov
             cls = _hf_model_class(c, spec["parent"])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -803,7 +806,8 @@ def run_one(spec: dict, timeout: float | None = None) -> dict:
             if res["status"] in _RETRY and not info.get("forward_error"):
                 own = own_input(model)
                 dflt = default_input(model)
-                if own[0] != dflt[0] or tuple(own[1].shape) != tuple(dflt[1].shape):
+                differs = own[0] != dflt[0] or tuple(own[1].shape) != tuple(dflt[1].shape)
+                if differs or res["status"] == "example_input":
                     cur = res["own_input"] = {"status": None, "sites": [], "error": None, "times": {},
                                               "input": [own[0], list(own[1].shape)]}
                     _localify_run(model, own, cur)
@@ -848,7 +852,7 @@ def _init_worker() -> None:
     warnings.simplefilter("ignore")
     import logging
 
-    logging.disable(logging.WARNING)
+    logging.disable(logging.CRITICAL)  # torch.export logs whole graphs at ERROR level when it gives up
     try:
         from transformers.utils import logging as hf_logging
 

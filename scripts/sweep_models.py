@@ -190,7 +190,7 @@ TIMM_SKIP: dict[str, str] = {
 
 # ----------------------------------------------------------------------------------------------------- HF
 # model type -> config overrides applied after the generic tiny overrides (``None`` at a key removes the
-# generic override). Every entry says why.
+# generic override; ``backbone_config`` holds overrides of the backbone's config). Every entry says why.
 HF_OVERRIDES: dict[str, dict] = {
     # hierarchical models take per-stage lists
     "swin": {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]},
@@ -217,7 +217,6 @@ HF_OVERRIDES: dict[str, dict] = {
     "timesformer": {"num_frames": 2},
     "vivit": {"num_frames": 4, "tubelet_size": [2, 16, 16]},
     "videomae": {"num_frames": 4},
-    "vjepa2": {"frames_per_clip": 4},
     "videoprism_vision_model": {"num_frames": 2},
     # EoMT adds its queries in the last ``num_blocks`` layers: with 2 layers that must be at most 2
     "eomt": {"num_blocks": 1},
@@ -227,6 +226,27 @@ HF_OVERRIDES: dict[str, dict] = {
     "efficientnet": {"image_size": 224},
     # 1024 px inputs with a 64x64 grid: 256 px is the same layout, 16x cheaper
     "pixtral": {"image_size": 256},
+    # SAM2's Hiera: widths and depths are per-stage lists; the vision model's FPN reads the stage widths
+    "sam2_hiera_det_model": {"embed_dim_per_stage": [32, 64, 128, 256], "blocks_per_stage": [1, 1, 1, 1],
+                             "num_attention_heads_per_stage": [1, 1, 2, 2], "hidden_size": 32},
+    "sam2_vision_model": {"backbone_channel_list": [256, 128, 64, 32], "fpn_hidden_size": 32,
+                          "backbone_config": {"embed_dim_per_stage": [32, 64, 128, 256],
+                                              "blocks_per_stage": [1, 1, 1, 1],
+                                              "num_attention_heads_per_stage": [1, 1, 2, 2],
+                                              "hidden_size": 32}},
+    # V-JEPA 2: the predictor is a second 12-layer transformer; one small layer is enough
+    "vjepa2": {"frames_per_clip": 4, "pred_num_hidden_layers": 1, "pred_hidden_size": 32,
+               "pred_num_attention_heads": 2, "num_pooler_layers": 1},
+    # DPT-style depth heads on 518 px DINOv2 / 384 px BEiT backbones: the conv neck at that size dominates;
+    # 224 px keeps the layout
+    # (Depth Anything's neck reads the backbone width from ``reassemble_hidden_size``)
+    "depth_anything": {"reassemble_hidden_size": 32, "backbone_config": {"image_size": 224}},
+    "prompt_depth_anything": {"reassemble_hidden_size": 32, "backbone_config": {"image_size": 224}},
+    "zoedepth": {"backbone_config": {"image_size": 224}},
+    "chmv2": {"backbone_config": {"image_size": 224}},
+    "tipsv2_dpt": {"backbone_config": {"image_size": 224}},
+    # SAM3's ViT runs at 1008 px (a 72x72 grid): 336 px keeps the layout at a ninth of the cost
+    "sam3_vision_model": {"backbone_config": {"image_size": 336}},
 }
 
 # HF model types left out, with the reason.
