@@ -375,14 +375,20 @@ def _validates(spec: GridSpec, fc1: str, extra: int, probe: list[CallRecord]) ->
 
 def find_grid_source(calls: list[CallRecord], batch: int, fc1: str, grid: tuple[int, int],
                      spatial: tuple[int, int], unfold: tuple | None, extra: int,
-                     probe: list[CallRecord] | None) -> GridSpec | str:
+                     probe: list[CallRecord] | None, image: tuple[Key, tuple[int, int]] | None = None
+                     ) -> GridSpec | str:
     """Where the block whose first projection is ``fc1`` reads its grid at run time, or why nowhere.
 
     ``calls`` were recorded while tracing, ``probe`` (None if the model refuses another size) in a run at a
     second size; ``extra`` is the number of prefix + suffix tokens. A model that runs at one size only gets a
-    fixed grid."""
+    fixed grid. ``image`` (the image's key path in the model's ``(args, kwargs)`` and the grid's stride in
+    pixels, from the grid proof) adds the model's own input as a last candidate: the grid as the image size
+    divided by the stride, kept only if it predicts the token count at the second size too."""
     rec = _nth_input(calls, fc1, 0)  # a module shared by several blocks is located by its first call
     cands = _candidates(calls[: rec.order if rec is not None else len(calls)], batch, spatial, unfold)
+    if image is not None:
+        key, (sy, sx) = image
+        cands.append(GridSpec("", "input", key, "tensor", (2, 3), None, ((sy, sx), (1, 1), (0, 0), (sy, sx))))
     if probe is None:
         return cands[0] if cands else GridSpec(kind="static", static=grid)
     chosen = next((c for c in cands if _validates(c, fc1, extra, probe)), None)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ._grid import GridSpec, find_grid_source, second_size
+from ._grid import GridSpec, find_grid_source, key_to_json, second_size
 from ._match import MLPMatch, match_mlps
 from ._ops import GraphIndex, module_stack, op_name, owner, val_shape
 from ._proof import GridProof, prove_grids
@@ -228,7 +228,7 @@ def build_plan(model: nn.Module, example_inputs: Any = None) -> Plan:
     second = second_size(input_size, [res.grid for _, res in tokens])
     probe = _probe(model, example, second) if second and tokens else None
     for site, res in tokens:
-        _assign_source(site, res, trace.calls, trace.batch, probe)
+        _assign_source(site, res, trace, probe)
 
     sites = [s for s, _ in pairs]
     num_blocks = max(s.block for s in sites)
@@ -438,10 +438,14 @@ def _probe(model: nn.Module, example, size: tuple[int, int]) -> list[CallRecord]
     return calls
 
 
-def _assign_source(site: MLPSite, res: TokenGrid, calls: list[CallRecord], batch: int,
-                   probe: list[CallRecord] | None) -> None:
-    found = find_grid_source(calls, batch, site.fc1[0], res.grid, res.spatial, res.unfold,
-                             res.prefix + res.suffix, probe)
+def _assign_source(site: MLPSite, res: TokenGrid, trace: Trace, probe: list[CallRecord] | None) -> None:
+    proof, img = site.proof, trace.example.image
+    image = None
+    if proof is not None and proof.ok and proof.stride and img is not None and img.dim() == 4 \
+            and all(float(s).is_integer() and s >= 1 for s in proof.stride):
+        image = (key_to_json(trace.example.image_key), (int(proof.stride[0]), int(proof.stride[1])))
+    found = find_grid_source(trace.calls, trace.batch, site.fc1[0], res.grid, res.spatial, res.unfold,
+                             res.prefix + res.suffix, probe, image)
     if isinstance(found, str):
         site.status, site.reason = NO_GRID, found
     else:

@@ -354,14 +354,14 @@ def token_layout(idx: GraphIndex, x: fx.Node, walker: TokenWalker | None = None)
     shape = val_shape(x)
     if shape is None or len(shape) < 3:
         return NoGrid(f"the MLP input has shape {shape}: no token axis")
-    if shape[1] == 1:
+    if len(shape) == 3 and shape[1] == 1:
         return NoGrid("the MLP runs on a single token (such as a class token alone): no patch grid")
     if len(shape) == 4:  # (B, H, W, C): the grid is the input's own spatial dims
         if shape[0] != idx.batch:
             return NoGrid(f"the MLP sees {shape[0]} feature maps of {shape[1]}x{shape[2]}, not the model's batch "
                           f"of {idx.batch}: windows or patches are folded into the batch", folded=True)
-        if shape[2] == 1:
-            return NoGrid(f"the MLP input has shape {shape}: no 2-D grid")
+        if shape[1] == 1 or shape[2] == 1:
+            return NoGrid(f"the MLP input has shape {shape}: one row of tokens, not a 2-D (B, H, W, C) map")
         return TokenGrid(0, 0, (shape[1], shape[2]), x, Origin.BHWC, (shape[1], shape[2]))
     if len(shape) > 4:
         return NoGrid(f"the MLP input has shape {shape}: not (B, N, C) or (B, H, W, C)")
