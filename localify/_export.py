@@ -250,6 +250,9 @@ def export_onnx(
 
     with eval_mode(target), torch.no_grad():
         example = make_example_inputs(target, example_inputs)
+        if dynamic is not False and example.image is not None and example.image.shape[0] == 1:
+            # torch.export specialises a batch of 1 (the graph would take one sample only): trace with two
+            example = example.with_batch(2)
         patch = None
         if dynamic in (True, "auto"):
             plain = example
@@ -368,18 +371,8 @@ def _verify(model: nn.Module, example: ExampleInputs, file: Path, result: OnnxEx
         size = tuple(img.shape[-2:])
         if result.dynamic_hw:  # another non-square size than the traced one
             size = (size[0] + result.patch[0], size[1] + 3 * result.patch[1])
-        other = example.resized(size)
-        leaves, tree = pytree.tree_flatten((other.args, other.kwargs))
-        b = img.shape[0]
-        nb = 1 if b > 1 else 2  # another batch size (1: what a deployment often runs)
-
-        def rebatch(v: Any) -> Any:
-            if not (isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b):
-                return v
-            return v[:nb] if nb < b else torch.cat([v] * nb)[:nb]
-
-        args, kwargs = pytree.tree_unflatten([rebatch(v) for v in leaves], tree)
-        examples.append(ExampleInputs(tuple(args), kwargs, example.image_key))
+        # another batch size (1: what a deployment often runs)
+        examples.append(example.resized(size).with_batch(1 if img.shape[0] > 1 else 2))
     worst = 0.0
     names = [i.name for i in sess.get_inputs()]
     for ex in examples:

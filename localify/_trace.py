@@ -56,6 +56,23 @@ class ExampleInputs:
             return self
         return self.any_size(model).resized(size)
 
+    def with_batch(self, n: int) -> ExampleInputs:
+        """The same call with ``n`` samples: every tensor whose first dimension is the image's batch is cut to
+        ``n`` rows or repeated up to them."""
+        img = self.image
+        if img is None or img.shape[0] == n:
+            return self
+        b = img.shape[0]
+
+        def rebatch(v: Any) -> Any:
+            if not (isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b):
+                return v
+            return v[:n] if n < b else v.repeat(-(-n // b), *([1] * (v.dim() - 1)))[:n]
+
+        leaves, spec = pytree.tree_flatten((self.args, self.kwargs))
+        args, kwargs = pytree.tree_unflatten([rebatch(v) for v in leaves], spec)
+        return ExampleInputs(tuple(args), kwargs, self.image_key, self.note)
+
     def resized(self, size: tuple[int, int], extra_kwargs: dict | None = None) -> ExampleInputs:
         """The same call with the image replaced by a random one of spatial ``size``."""
         img = self.image

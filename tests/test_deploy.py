@@ -419,3 +419,19 @@ def test_trainable_weights_save_and_reload_onto_base(tmp_path, variant):
         x = _img(2, 32, 32, 9)
         with torch.no_grad():
             assert torch.equal(back(x), model(x))
+
+
+def test_export_onnx_with_a_batch_of_one_keeps_the_batch_dynamic(tmp_path) -> None:
+    """torch.export specialises a batch of 1: export_onnx traces with two samples instead."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = localify.create_model("deit_tiny", depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8)
+    localify.localify(model).eval()
+    info = localify.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    assert info.dynamic_batch
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        x = torch.randn(b, 3, 32, 32)
+        got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
