@@ -24,7 +24,8 @@ from ._ops import REORDER, SPLITS, GraphIndex, op_name, owner, reshape_groups, t
 
 __all__ = ["Origin", "TokenGrid", "NoGrid", "TokenWalker", "token_layout"]
 
-MAX_DEPTH = 300  # ops followed back from one MLP input before giving up (memoised walks are short)
+MAX_DEPTH = 120  # ops followed back from one MLP input before giving up (memoised walks are short; each op
+#                 is ~3 Python frames, well inside the default recursion limit)
 
 
 class _TooDeep(Exception):
@@ -385,7 +386,7 @@ def token_layout(idx: GraphIndex, x: fx.Node, walker: TokenWalker | None = None)
 def _walk_from(walker: TokenWalker, x: fx.Node) -> _Result:
     try:
         return walker.walk(x, 1)
-    except _TooDeep:
+    except (_TooDeep, RecursionError):  # RecursionError: a caller already deep in the stack
         return NoGrid(f"the tokens entering the MLP could not be followed back to a patch grid within "
                       f"{MAX_DEPTH} ops")
 

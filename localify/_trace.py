@@ -114,8 +114,8 @@ class Trace:
 def _find_image_key(args: tuple, kwargs: dict) -> tuple | None:
     leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
     for kp, v in leaves:
-        if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point():
-            return kp
+        if isinstance(v, torch.Tensor) and 4 <= v.dim() <= 6 and v.is_floating_point():
+            return kp  # (B, C, H, W), a video (B, T, C, H, W) or tiles (B, I, T, C, H, W)
     return None
 
 
@@ -227,6 +227,10 @@ def make_example_inputs(
         image = _image_param(model)
         where = image if image in ("pixel_values", "pixel_values_videos") else "pixel_values"
         chans = channels or (chans if isinstance(chans, int) else 3)
+        frames = getattr(cfg, "num_frames", None) or getattr(vision, "num_frames", None)
+        if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0:  # a video model
+            x = torch.randn(batch, frames, chans, *size, device=device, dtype=dtype)
+            return ExampleInputs((), {where: x}, (pytree.SequenceKey(1), pytree.MappingKey(where)), note)
     else:
         size = size or _built_size(model)
         chans = channels or getattr(model, "in_chans", None) or 3
