@@ -57,9 +57,11 @@ from .layers import (
     LocalifyModule,
     copy_sharing_grid,
     fuse_locality_linear,
+    linear_rows,
     require_eval,
     tokens_around_grid,
     tracing,
+    use_conv_pointwise,
 )
 
 __all__ = [
@@ -101,8 +103,22 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
     return t if t % 2 else t + 1
 
 
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the grid of (B, L, C) tokens or a (B, C, H, W) map -> (B, C)."""
+    return x.mean((2, 3)) if x.dim() == 4 else x.mean(1)
+
+
+def _scale(x: torch.Tensor, w: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``x`` (tokens or map) times per-sample channel weights ``w`` (B, C)."""
+    w = w[:, :, None, None] if x.dim() == 4 else w.unsqueeze(1)
+    return x.mul_(w) if inplace else x * w
+
+
 class SqueezeExcite(nn.Module):
-    """SE on tokens: mean over the grid -> Linear -> ReLU -> Linear -> h-sigmoid -> scale the channels."""
+    """SE on tokens: mean over the grid -> Linear -> ReLU -> Linear -> h-sigmoid -> scale the channels.
+
+    Takes (B, L, C) tokens or a (B, C, H, W) map.
+    """
 
     def __init__(self, channels: int, hidden: int, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
@@ -111,22 +127,23 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Linear(hidden, channels, device=device, dtype=dtype)
         self.gate = nn.Hardsigmoid()
 
-    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:  # x: (B, L, C)
-        w = self.gate(self.fc2(self.act(self.fc1(x.mean(1))))).unsqueeze(1)
-        return x.mul_(w) if inplace else x * w
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return _scale(x, self.gate(self.fc2(self.act(self.fc1(_pool(x))))), inplace)
 
 
 class EfficientChannelAttention(nn.Module):
-    """ECA on tokens: mean over the grid -> 1-D conv across channels -> sigmoid -> scale the channels."""
+    """ECA on tokens: mean over the grid -> 1-D conv across channels -> sigmoid -> scale the channels.
+
+    Takes (B, L, C) tokens or a (B, C, H, W) map.
+    """
 
     def __init__(self, channels: int, kernel_size: int | None = None, device: Any = None, dtype: Any = None):
         super().__init__()
         k = eca_kernel_size(channels) if kernel_size is None else kernel_size
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:  # x: (B, L, C)
-        w = torch.sigmoid(self.conv(x.mean(1).unsqueeze(1)))  # (B, 1, C)
-        return x.mul_(w) if inplace else x * w
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return _scale(x, torch.sigmoid(self.conv(_pool(x).unsqueeze(1))).squeeze(1), inplace)
 
 
 class LocalViTFFN(LocalifyModule):
@@ -332,13 +349,21 @@ class LocalViTFFN(LocalifyModule):
         state.pop("_folded", None)
         return state
 
-    def _pw1(self, rows: torch.Tensor, prm: tuple | None) -> torch.Tensor:
-        y = self._bn(self.bn1, self.fc1(rows)) if prm is None else F.linear(rows, prm[0], prm[1])
+    @staticmethod
+    def _linear(fc: nn.Linear, rows: torch.Tensor, b: Any) -> torch.Tensor:
+        """``fc(rows)`` for (R, C) rows of ``b`` samples; a plain, hook-free Linear may run as a 1x1 conv."""
+        if type(fc) is nn.Linear and not (fc._forward_hooks or fc._forward_pre_hooks) \
+                and use_conv_pointwise(rows, b):
+            return linear_rows(rows, fc.weight, fc.bias, b)
+        return fc(rows)
+
+    def _pw1(self, rows: torch.Tensor, prm: tuple | None, b: Any = 1) -> torch.Tensor:
+        y = self._bn(self.bn1, self._linear(self.fc1, rows, b)) if prm is None else F.linear(rows, prm[0], prm[1])
         return self._act(y)
 
-    def _pw2(self, rows: torch.Tensor, prm: tuple | None) -> torch.Tensor:
+    def _pw2(self, rows: torch.Tensor, prm: tuple | None, b: Any = 1) -> torch.Tensor:
         """fc2 (+ BN3 when folded; the module path applies BN3 to all tokens at once afterwards)."""
-        return self.fc2(rows) if prm is None else F.linear(rows, prm[4], prm[5])
+        return self._linear(self.fc2, rows, b) if prm is None else F.linear(rows, prm[4], prm[5])
 
     def _dw(self, g: torch.Tensor, prm: tuple | None, pad_rows: int = 0) -> torch.Tensor:
         """Depth-wise conv (+ BN2 when folded) of a (B, C, H, W) grid; ``pad_rows`` extra output rows above
@@ -375,11 +400,33 @@ class LocalViTFFN(LocalifyModule):
             self.attn(t.narrow(1, hw[1], n - p - s), inplace=True)
         return self._pw2(tokens_around_grid(t, h.unsqueeze(0), hw[1], p, s), prm)
 
+    def _grid_eval(self, g: torch.Tensor, prm: tuple) -> torch.Tensor:
+        """Eval (folded weights): a (B, H, W, in) grid through the whole block -> (B, H, W, out).
+
+        The hidden map stays channels-last from fc1 to fc2 (views only); the point-wise layers run as 1x1
+        convolutions or ``F.linear`` (:func:`~localify.layers.use_conv_pointwise`; always the former in an
+        exported graph, whose hidden map then keeps one layout from the first projection to the last).
+        """
+        conv = use_conv_pointwise(g)
+        if conv:
+            h = F.conv2d(g.contiguous().permute(0, 3, 1, 2), prm[0][:, :, None, None], prm[1])
+        else:
+            h = F.linear(g, prm[0], prm[1]).permute(0, 3, 1, 2)
+        # (B, hid, H, W) channels-last from here to fc2: activations, conv and attention on the map
+        t = self._act(self._dw(self._act(h), prm))
+        if self.attn is not None:
+            t = self.attn(t, inplace=not torch.is_grad_enabled())
+        if conv:
+            return F.conv2d(t, prm[4][:, :, None, None], prm[5]).permute(0, 2, 3, 1)
+        return F.linear(t.permute(0, 2, 3, 1), prm[4], prm[5])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prm = self._eval_params()
         if self.layout == "BHWC":
+            if prm is not None:
+                return self._grid_eval(x, prm)
             b, h, w, c = x.shape
-            y = self._pw2(self._spatial(self._pw1(x.reshape(-1, c), prm), b, (h, w), prm), prm)
+            y = self._pw2(self._spatial(self._pw1(x.reshape(-1, c), prm, b), b, (h, w), prm), prm, b)
             return self._bn3(y, prm).view(b, h, w, -1)
 
         b, n, c = x.shape
@@ -387,16 +434,30 @@ class LocalViTFFN(LocalifyModule):
         p, s = self.prefix, self.suffix
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
-            y = self._pw2(self._spatial(self._pw1(x.reshape(-1, c), prm), b, hw, prm), prm)
+            if prm is not None:
+                return self._grid_eval(x.unflatten(1, hw), prm).flatten(1, 2)
+            y = self._pw2(self._spatial(self._pw1(x.reshape(-1, c), prm, b), b, hw, prm), prm, b)
             return self._bn3(y, prm).view(b, n, -1)
-        if (prm is not None and not torch.is_grad_enabled() and not tracing()
-                and b == 1 and max(p, s) <= hw[1]):  # no shape guard when tracing
-            return self._one_sample(x, hw, prm)
-
-        # Rows: every grid token of the batch, then every extra token (prefix then suffix of each sample).
-        # split (not slicing) so that autograd joins the gradients with one concat instead of zero-filling
-        # a full-size buffer per slice.
         m = n - p - s
+        if prm is not None:
+            if not torch.is_grad_enabled() and not tracing() and b == 1 and max(p, s) <= hw[1]:
+                return self._one_sample(x, hw, prm)  # no shape guard when tracing: tracing() first
+            # eval: the grid through the whole block as a map, the few extra tokens as rows, joined
+            # out-wide (what an exported graph keeps in one layout)
+            pre, grid, suf = x.split([p, m, s], dim=1)
+            yg = self._grid_eval(grid.contiguous().unflatten(1, hw), prm).flatten(1, 2)  # (B, M, out)
+            extra = pre if not s else suf if not p else torch.cat([pre, suf], dim=1)
+            ye = self._pw2(self._pw1(extra.reshape(-1, c), prm), prm).view(b, p + s, -1)
+            parts = [yg]
+            if p:
+                parts.insert(0, ye[:, :p])
+            if s:
+                parts.append(ye[:, p:])
+            return torch.cat(parts, dim=1)
+
+        # Training (BatchNorm statistics over all tokens). Rows: every grid token of the batch, then every
+        # extra token (prefix then suffix of each sample). split (not slicing) so that autograd joins the
+        # gradients with one concat instead of zero-filling a full-size buffer per slice.
         pre, grid, suf = x.split([p, m, s], dim=1)
         parts = [grid.reshape(-1, c)]
         if p:
@@ -404,11 +465,11 @@ class LocalViTFFN(LocalifyModule):
         if s:
             parts.append(suf.reshape(-1, c))
         rows = torch.cat(parts)
-        h = self._pw1(rows, prm)  # BN1 statistics over all tokens
+        h = self._pw1(rows, prm, b)  # BN1 statistics over all tokens
         nl = b * m
         hg, he = h.split([nl, b * (p + s)])
-        yg = self._pw2(self._spatial(hg, b, hw, prm), prm)  # (B, M, out)
-        ye = self._pw2(he, prm)  # (B*p + B*s, out): small
+        yg = self._pw2(self._spatial(hg, b, hw, prm), prm, b)  # (B, M, out)
+        ye = self._pw2(he, prm, b)  # (B*p + B*s, out): small
         o = ye.shape[-1]
         yp, ys = ye.split([b * p, b * s])
         y = torch.cat([yp.view(b, p, o), yg, ys.view(b, s, o)], dim=1)  # (B, N, out), out_dim wide

@@ -6,17 +6,33 @@ distillation, register) and suffix tokens (detection) skip only the convolution.
 identity (Dirac) kernel, the MLP computes exactly what it computed before (the ``fc1 -> dw -> act -> fc2``
 order of PVTv2's ConvFFN).
 
-Layout, measured on CPU (``benchmarks/bench_overhead.py``): the hidden grid is handed to the convolution as a
-channels-last view, never copied. With one sample in eager mode, the convolution is padded by one extra row
-at the top and bottom so that its output has room for the prefix tokens right before the grid and the suffix
-tokens right after it: the result is returned as a view of the conv output, with no concatenation of the wide
-hidden tensor. With more samples the grid tokens are projected on their own (a contiguous, channels-last
-grid) and the few extra tokens are projected separately and concatenated.
+:class:`LocalityMLP` goes one step further where fc1, the activation and fc2 sit in one per-token MLP module
+(timm ``Mlp`` / ``GluMlp`` / ``SwiGLU``, Hugging Face 5.x ``mlp``): it runs that module twice, once on the
+grid tokens as a (B, H, W, C) map and once on the extra tokens as plain rows, and joins the two results on
+the narrow output side. Its fc1(s) are :class:`LocalityLinear` as above, and it keeps the module's
+parameters, buffers and state-dict keys.
+
+Layout, measured on CPU (``benchmarks/bench_overhead.py``, ``benchmarks/bench_runtimes.py``):
+
+* The hidden grid is handed to the convolution as a channels-last view, never copied.
+* One sample in eager mode (:class:`LocalityLinear`): the convolution is padded by one extra row at the top
+  and bottom so that its output has room for the prefix tokens right before the grid and the suffix tokens
+  right after it: the result is returned as a view of the conv output, with no concatenation of the wide
+  hidden tensor.
+* More samples: the grid tokens are projected on their own (a contiguous, channels-last grid) and the few
+  extra tokens separately. :class:`LocalityLinear` must return every token, so it concatenates the hidden
+  tensor once; :class:`LocalityMLP` never does (the join is ``out``-wide).
+* Point-wise projections of a (B, H, W, C) grid run either as ``F.linear`` or as a 1x1 convolution of its
+  channels-last view (oneDNN), see :func:`pointwise_backend`. When ``torch.export`` traces the model (ONNX
+  export) the 1x1-convolution form is always used: the exported graph then holds the hidden grid in one
+  layout from fc1 to fc2 (ONNX Runtime folds the transposes of the narrow ends into its own reorders).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import platform
 from typing import Any
 
 import torch
@@ -26,7 +42,24 @@ from torch import nn
 from ._grid import GridSource, check_tokens
 from .errors import FuseError
 
-__all__ = ["LocalifyModule", "LocalityLinear", "fuse_locality_linear", "tokens_to_grid", "grid_to_tokens"]
+__all__ = [
+    "LocalifyModule",
+    "fuse_locality_linear",
+    "LocalityLinear",
+    "LocalityMLP",
+    "PointwiseLinear",
+    "tokens_to_grid",
+    "grid_to_tokens",
+    "pointwise_backend",
+    "set_pointwise_backend",
+    "linear_channels_last",
+    "linear_rows",
+    "use_conv_pointwise",
+]
+
+POINTWISE_ENV = "LOCALIFY_POINTWISE"
+POINTWISE_BACKENDS = ("auto", "conv", "linear")
+_pointwise: dict[str, str | None] = {"set": None, "auto": None}
 
 
 class LocalifyModule(nn.Module):
@@ -76,6 +109,7 @@ def copy_sharing_grid(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m, memo)
 
 
+
 def tokens_to_grid(x: torch.Tensor, hw: tuple[Any, Any]) -> torch.Tensor:
     """(B, H*W, C) tokens -> (B, C, H, W) image; a view (channels-last strides) when ``x`` is contiguous."""
     return x.unflatten(1, hw).permute(0, 3, 1, 2)
@@ -86,8 +120,118 @@ def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).flatten(1, 2)
 
 
+# --- point-wise primitive --------------------------------------------------------------------------------
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _auto_backend() -> str:
+    """``conv`` where PyTorch's BLAS is MKL and the CPU is an AMD one, ``linear`` everywhere else.
+
+    MKL takes a slower code path on AMD CPUs than oneDNN does: on an AMD EPYC (Zen 5, AVX-512) with torch
+    2.14 a (16 x 14 x 14, 192) -> 768 projection ran 2.3-2.9x faster as a 1x1 convolution of the channels-last
+    map than through ``F.linear`` (forward; 1.8x forward + backward); with one sample both took the same
+    time. Where nothing was measured (Intel, ARM, other BLAS) the model's own primitive is kept.
+    """
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()):
+        return "linear"
+    return "conv" if "AuthenticAMD" in _cpu_vendor() else "linear"
+
+
+def pointwise_backend() -> str:
+    """How converted blocks run point-wise projections of a token grid in eager mode: ``conv`` or ``linear``.
+
+    ``linear`` is ``F.linear`` (MKL's sgemm on x86 builds); ``conv`` is a 1x1 ``F.conv2d`` of the grid's
+    channels-last view (oneDNN). Both compute the same product (float rounding aside, about 1e-7 relative).
+    Chosen once per process by :func:`set_pointwise_backend`, else the ``LOCALIFY_POINTWISE`` environment
+    variable (``conv``, ``linear`` or ``auto``), else ``auto``: ``conv`` on AMD CPUs with an MKL build,
+    ``linear`` elsewhere. ``conv`` applies to float32 CPU tensors of more than one sample only (with one
+    sample the two measured the same). Under ``torch.export`` (ONNX export) the 1x1-conv form is always used.
+    """
+    name = _pointwise["set"] or os.environ.get(POINTWISE_ENV, "auto").strip().lower() or "auto"
+    if name not in POINTWISE_BACKENDS:
+        name = "auto"
+    if name == "auto":
+        if _pointwise["auto"] is None:
+            _pointwise["auto"] = _auto_backend()
+        return _pointwise["auto"]
+    return name
+
+
+def set_pointwise_backend(name: str | None) -> str | None:
+    """Choose the eager point-wise primitive (``conv``, ``linear``, ``auto``; None: back to the environment
+    variable / ``auto``). Returns the previous setting. See :func:`pointwise_backend`."""
+    if name is not None and name not in POINTWISE_BACKENDS:
+        raise ValueError(f"localify: unknown point-wise backend {name!r}; choose one of {POINTWISE_BACKENDS}")
+    prev = _pointwise["set"]
+    _pointwise["set"] = name
+    return prev
+
+
+def linear_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a (B, H, W, C) ``x``, computed as a 1x1 convolution of its
+    channels-last view; the (B, H, W, out) result is a view of the (channels-last) conv output."""
+    if not x.is_contiguous():  # the conv's input must be dense channels-last, or it reorders to NCHW
+        x = x.contiguous()
+    return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
+
+
+def _hook_free(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def exporting() -> bool:
+    """True while ``torch.export`` traces (ONNX export included), not under ``torch.compile``."""
+    return torch.compiler.is_exporting()
+
+
+def use_conv_pointwise(x: torch.Tensor, batch: Any = None) -> bool:
+    """Whether a point-wise projection of ``x`` (a (B, H, W, C) grid, or rows of ``batch`` samples) runs as a
+    1x1 convolution: always under ``torch.export``; in eager mode and under ``torch.compile`` when
+    :func:`pointwise_backend` is ``conv``, for float32 CPU tensors of more than one sample."""
+    if exporting():
+        return True
+    if x.device.type != "cpu" or x.dtype != torch.float32 or pointwise_backend() != "conv":
+        return False
+    return (x.shape[0] if batch is None else batch) > 1  # torch.compile specialises (guards) on it
+
+
+def linear_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: Any) -> torch.Tensor:
+    """``F.linear`` of contiguous (..., C) rows as a 1x1 convolution of a (groups, C, R / groups, 1)
+    channels-last view (oneDNN runs one image per group; ``groups`` is the batch size and divides the R rows);
+    the result has the shape of ``rows`` with ``out`` features."""
+    y = linear_channels_last(rows.reshape(groups, -1, 1, rows.shape[-1]), weight, bias)
+    return y.reshape(*rows.shape[:-1], y.shape[-1])
+
+
+class PointwiseLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state-dict keys, same results) that projects a (B, H, W, C)
+    grid as a 1x1 convolution where that is faster (:func:`use_conv_pointwise`) and always when exported.
+
+    :class:`LocalityMLP` gives its MLP's second projection this class (in place: ``fc2.__class__``), so the
+    grid stays in one layout from fc1 to fc2. Other inputs, and a layer with hooks, take ``F.linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and _hook_free(self) and use_conv_pointwise(x):
+            return linear_channels_last(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+# --- LocalityLinear --------------------------------------------------------------------------------------
 class LocalityLinear(LocalifyModule):
     """A Linear followed by a depth-wise conv over the token grid; extra tokens skip the conv.
+
+    Inputs with layout ``"BNC"``: (B, N, C) tokens (prefix + grid + suffix); a (B, H, W, C) map, which is the
+    grid alone (how :class:`LocalityMLP` hands over the grid tokens); or (R, C) rows of tokens that have no
+    grid (the conv is skipped: :class:`LocalityMLP`'s extra tokens). With layout ``"BHWC"``: (B, H, W, C).
 
     Args:
         linear: the original projection, kept as it is (weights, bias, class).
@@ -174,7 +318,13 @@ class LocalityLinear(LocalifyModule):
     def _plain_conv(self) -> bool:
         """Whether ``dwconv`` is a plain, hook-free Conv2d that may be called functionally (padded)."""
         conv = self.dwconv
-        return type(conv) is nn.Conv2d and not conv._forward_hooks and not conv._forward_pre_hooks
+        return type(conv) is nn.Conv2d and _hook_free(conv)
+
+    def _plain_linear(self) -> bool:
+        """Whether ``linear`` is a plain, hook-free Linear that may be called functionally (as a 1x1 conv).
+        A hooked or wrapped projection (PEFT, localify's own tracing) is always called as a module."""
+        lin = self.linear
+        return type(lin) in (nn.Linear, PointwiseLinear) and _hook_free(lin)
 
     def _conv_padded(self, g: torch.Tensor) -> torch.Tensor:
         """The conv of a (B, C, H, W) grid with one extra output row above and below (``_plain_conv()``)."""
@@ -185,15 +335,25 @@ class LocalityLinear(LocalifyModule):
             y.narrow(2, 1, g.shape[2]).add_(g)
         return y
 
+    def _grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) grid -> projection and conv -> (B, H, W, out), a view of the channels-last conv output."""
+        if self._plain_linear() and use_conv_pointwise(x):
+            h = linear_channels_last(x, self.linear.weight, self.linear.bias)
+        else:
+            h = self.linear(x)
+        return self._conv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "BHWC":
-            return self._conv(self.linear(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if x.dim() == 4:  # layout BHWC, or the grid alone
+            return self._grid(x)
+        if x.dim() == 2:  # tokens without a grid
+            return self.linear(x)
         hw = self.grid_source.get()
         n = x.shape[1]
         p, s = self.prefix, self.suffix
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
-            return grid_to_tokens(self._conv(tokens_to_grid(self.linear(x), hw)))
+            return self._grid(x.unflatten(1, hw)).flatten(1, 2)
         # no shape guard when tracing: check tracing() first
         if not tracing() and x.shape[0] == 1 and max(p, s) <= hw[1] and self._plain_conv():
             # One sample: the grid rows of the full projection are already a channels-last image. One
@@ -205,9 +365,10 @@ class LocalityLinear(LocalifyModule):
             return tokens_around_grid(grid_to_tokens(y), h, hw[1], p, s)
         # project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
         # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately. The
-        # narrow inputs are made contiguous rows first: a strided 3-D input would take matmul's slower
-        # path (a copy anyway, then the bias added in a separate pass over the wide output).
-        z = grid_to_tokens(self._conv(tokens_to_grid(self._rows(x[:, p:n - s]), hw)))
+        # narrow inputs are made contiguous first: a strided input would take matmul's slower path (a copy
+        # anyway, then the bias added in a separate pass over the wide output). The one concatenation of
+        # the hidden tensor is the price of returning every token (LocalityMLP avoids it).
+        z = self._grid(x[:, p:n - s].contiguous().unflatten(1, hw)).flatten(1, 2)
         parts = [z]
         if p:
             parts.insert(0, self._rows(x[:, :p]))
@@ -219,6 +380,140 @@ class LocalityLinear(LocalifyModule):
         """The projection of (B, L, C) tokens, computed on contiguous (B*L, C) rows."""
         y = self.linear(t.reshape(-1, t.shape[-1]))
         return y.view(t.shape[0], t.shape[1], y.shape[-1])
+
+
+# --- LocalityMLP -----------------------------------------------------------------------------------------
+# nn.Module internals that LocalityMLP shares with the MLP module it stands for (the same dict / set objects,
+# so a child replaced on either, e.g. by PEFT, is replaced on both).
+_SHARED = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "_forward_hooks",
+           "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+           "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks",
+           "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+class LocalityMLP(nn.Module):
+    """A per-token MLP module whose first projection(s) are :class:`LocalityLinear`, run so that the wide
+    hidden tensor is never concatenated: grid tokens and extra tokens go through the whole MLP separately.
+
+    The MLP module's own ``forward`` runs twice: on the grid tokens as a (B, H, W, C) map (its fc1 then
+    projects and convolves the grid, everything after it sees a (B, H, W, hidden) map) and on the prefix and
+    suffix tokens of every sample as (rows, C) (fc1 skips the conv); the two results are joined on the
+    ``out``-wide side. That requires an MLP whose ``forward`` treats every token on its own and accepts any
+    number of leading dimensions (element-wise activations, dropout, LayerNorm over channels, ``chunk`` on
+    the last dim: timm ``Mlp``, ``GluMlp``, ``SwiGLU``, Hugging Face 5.x ``mlp`` modules); see
+    :func:`per_token_module`. Without extra tokens, or with one sample in eager mode, the MLP runs once on
+    all tokens as before; so it does when this module has hooks (one observed call per MLP call).
+
+    The wrapper stands in for the MLP module: it shares its parameters, buffers, children and hooks (the same
+    dictionaries), so state-dict keys and module names are the MLP's (``fc1.linear.weight``,
+    ``fc1.dwconv.weight``, ``fc2.weight``, ...), a child replaced on the wrapper (PEFT) is replaced in the
+    MLP, and attributes it lacks are read from the MLP. :meth:`get_base_layer` returns the MLP module.
+    Its second projection ``fc2``, when it is a plain ``nn.Linear``, becomes a :class:`PointwiseLinear` (same
+    parameters and results; it projects the hidden map as a 1x1 convolution where that is faster, and in an
+    exported graph, so the hidden grid keeps one layout from fc1 to fc2).
+
+    Args:
+        mlp: the MLP module, its fc1(s) already replaced by :class:`LocalityLinear`.
+        grid: where the token grid is read at run time (None with layout ``"BHWC"``).
+        prefix, suffix: tokens before / after the grid (as in the fc1 :class:`LocalityLinear`).
+        layout: ``"BNC"`` (tokens) or ``"BHWC"`` (maps: the MLP simply runs on the map).
+        fc2: the path of the second projection inside ``mlp`` (None: leave it as it is).
+    """
+
+    def __init__(self, mlp: nn.Module, grid: GridSource | None, prefix: int = 0, suffix: int = 0,
+                 layout: str = "BNC", fc2: str | None = "fc2") -> None:
+        super().__init__()
+        object.__setattr__(self, "_base", mlp)  # not a child: its children are this module's children
+        for name in _SHARED:
+            if hasattr(mlp, name):
+                object.__setattr__(self, name, getattr(mlp, name))
+        self.training = mlp.training
+        self.prefix = prefix
+        self.suffix = suffix
+        self.layout = layout
+        self.grid_source = grid
+        if fc2 is not None:
+            lin = mlp.get_submodule(fc2)
+            if type(lin) is nn.Linear:
+                lin.__class__ = PointwiseLinear
+
+    def get_base_layer(self) -> nn.Module:
+        """The MLP module this block runs (it shares its parameters and children with this one)."""
+        return self._base
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
+    def train(self, mode: bool = True) -> LocalityMLP:
+        super().train(mode)
+        self._base.training = mode
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{type(self._base).__name__}, prefix={self.prefix}, suffix={self.suffix}, "
+                f"layout={self.layout}")
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        run = self._base.forward  # not __call__: the MLP's hooks are this module's (shared), already run
+        if self.layout == "BHWC" or x.dim() != 3:
+            return run(x, *args, **kwargs)
+        b, n, c = x.shape
+        hw = self.grid_source.get()
+        p, s = self.prefix, self.suffix
+        check_tokens(n, hw, p, s)
+        if p == 0 and s == 0:
+            return run(x.unflatten(1, hw), *args, **kwargs).flatten(1, 2)
+        if self._forward_hooks or self._forward_pre_hooks or (not tracing() and b == 1):
+            # One sample: fc1 runs on every token and its conv output has room for the extra tokens
+            # (LocalityLinear's row-padded path); nothing wide is concatenated either. With hooks (localify's
+            # own trace records every module call) the MLP also runs once, as one call on all tokens.
+            return run(x, *args, **kwargs)
+        m = n - p - s
+        pre, grid, suf = x.split([p, m, s], dim=1)
+        # contiguous once here (narrow), not in each fc1 (SwiGLU has two)
+        yg = run(grid.contiguous().unflatten(1, hw), *args, **kwargs).flatten(1, 2)  # (B, M, out)
+        extra = pre if not s else suf if not p else torch.cat([pre, suf], dim=1)
+        ye = run(extra.reshape(-1, c), *args, **kwargs)  # (B * (p + s), out): a few rows
+        ye = ye.view(b, p + s, ye.shape[-1])
+        parts = [yg]
+        if p:
+            parts.insert(0, ye[:, :p])
+        if s:
+            parts.append(ye[:, p:])
+        return torch.cat(parts, dim=1)  # out-wide
+
+
+def per_token_module(mlp: nn.Module, in_features: int) -> bool:
+    """Whether ``mlp`` maps every token on its own and accepts any leading dimensions, as
+    :class:`LocalityMLP` needs: its output on 6 random rows equals its output on the same rows shaped
+    (2, 3, C) and (1, 2, 3, C). Run in eval mode without autograd on the module's device and dtype; the
+    module is left as it was (mode included). Call it on the MLP before its fc1 is replaced."""
+    p = next(iter(mlp.parameters()), None)
+    kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+    x = torch.randn(6, in_features, generator=torch.Generator().manual_seed(0)).to(**kw)
+    was = mlp.training
+    try:
+        mlp.eval()
+        with torch.no_grad():
+            y2 = mlp(x)
+            y3 = mlp(x.view(2, 3, -1))
+            y4 = mlp(x.view(1, 2, 3, -1))
+    except Exception:
+        return False
+    finally:
+        mlp.train(was)
+    if not all(isinstance(y, torch.Tensor) for y in (y2, y3, y4)) or y2.dim() != 2:
+        return False
+    tol = 1e-5 * float(y2.abs().max()) + 1e-6
+    return (y3.shape[:2] == (2, 3) and y4.shape[:3] == (1, 2, 3)
+            and bool((y3.reshape(y2.shape) - y2).abs().max() <= tol)
+            and bool((y4.reshape(y2.shape) - y2).abs().max() <= tol))
 
 
 def tokens_around_grid(t: torch.Tensor, h: torch.Tensor, width: Any, prefix: int, suffix: int) -> torch.Tensor:
