@@ -45,7 +45,7 @@ plain one with the identity added to the centre tap.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,17 @@ def _scale(x: torch.Tensor, w: torch.Tensor, inplace: bool) -> torch.Tensor:
     """``x`` (tokens or map) times per-sample channel weights ``w`` (B, C)."""
     w = w[:, :, None, None] if x.dim() == 4 else w.unsqueeze(1)
     return x.mul_(w) if inplace else x * w
+
+
+class FoldedParams(NamedTuple):
+    """The eval-mode weights of a :class:`LocalViTFFN` with every BatchNorm folded into the layer before it."""
+
+    w1: torch.Tensor  # fc1 (1x1 conv) weight, (hid, in)
+    b1: torch.Tensor | None
+    w_dw: torch.Tensor  # depth-wise kernel, (hid, 1, k, k)
+    b_dw: torch.Tensor | None
+    w2: torch.Tensor  # fc2 (1x1 conv) weight, (out, hid)
+    b2: torch.Tensor | None
 
 
 class SqueezeExcite(nn.Module):
@@ -300,7 +311,7 @@ class LocalViTFFN(LocalifyModule):
                 return fn(t, inplace=True)
         return self.act(t)
 
-    def _eval_params(self) -> tuple[torch.Tensor, ...] | None:
+    def _eval_params(self) -> FoldedParams | None:
         """In eval mode: (w1, b1, w_dw, b_dw, w2, b2) with every BatchNorm folded in, else None.
 
         An eval-mode BatchNorm is a per-channel affine map, so it is folded into the weights of the layer
@@ -322,15 +333,15 @@ class LocalViTFFN(LocalifyModule):
                                    or bn.running_mean is None):
                 return None
         if self.bn1 is None and self.bn2 is None and self.bn3 is None:  # fused: nothing to fold
-            return (self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, self.fc2.weight,
-                    self.fc2.bias)
+            return FoldedParams(self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+                                self.fc2.weight, self.fc2.bias)
         key = None
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             key = _version_key(mods)
             cached = self.__dict__.get("_folded")
             if key is not None and cached is not None and cached[0] == key:
                 return cached[1]
-        prm = (
+        prm = FoldedParams(
             *_fold_eval(self.fc1.weight, self.fc1.bias, self.bn1),
             *_fold_eval(self.dwconv.weight, self.dwconv.bias, self.bn2),
             *_fold_eval(self.fc2.weight, self.fc2.bias, self.bn3),
@@ -357,23 +368,23 @@ class LocalViTFFN(LocalifyModule):
             return linear_rows(rows, fc.weight, fc.bias, b)
         return fc(rows)
 
-    def _pw1(self, rows: torch.Tensor, prm: tuple | None, b: Any = 1) -> torch.Tensor:
-        y = self._bn(self.bn1, self._linear(self.fc1, rows, b)) if prm is None else F.linear(rows, prm[0], prm[1])
+    def _pw1(self, rows: torch.Tensor, prm: FoldedParams | None, b: Any = 1) -> torch.Tensor:
+        y = self._bn(self.bn1, self._linear(self.fc1, rows, b)) if prm is None else F.linear(rows, prm.w1, prm.b1)
         return self._act(y)
 
-    def _pw2(self, rows: torch.Tensor, prm: tuple | None, b: Any = 1) -> torch.Tensor:
+    def _pw2(self, rows: torch.Tensor, prm: FoldedParams | None, b: Any = 1) -> torch.Tensor:
         """fc2 (+ BN3 when folded; the module path applies BN3 to all tokens at once afterwards)."""
-        return self._linear(self.fc2, rows, b) if prm is None else F.linear(rows, prm[4], prm[5])
+        return self._linear(self.fc2, rows, b) if prm is None else F.linear(rows, prm.w2, prm.b2)
 
-    def _dw(self, g: torch.Tensor, prm: tuple | None, pad_rows: int = 0) -> torch.Tensor:
+    def _dw(self, g: torch.Tensor, prm: FoldedParams | None, pad_rows: int = 0) -> torch.Tensor:
         """Depth-wise conv (+ BN2 when folded) of a (B, C, H, W) grid; ``pad_rows`` extra output rows above
         and below (folded path only)."""
         if prm is None:
             return self.dwconv(g)
         k = self.dwconv.kernel_size[0] // 2
-        return F.conv2d(g, prm[2], prm[3], 1, (k + pad_rows, k), 1, self.dwconv.groups)
+        return F.conv2d(g, prm.w_dw, prm.b_dw, 1, (k + pad_rows, k), 1, self.dwconv.groups)
 
-    def _spatial(self, rows: torch.Tensor, b: Any, hw: tuple[Any, Any], prm: tuple | None) -> torch.Tensor:
+    def _spatial(self, rows: torch.Tensor, b: Any, hw: tuple[Any, Any], prm: FoldedParams | None) -> torch.Tensor:
         """(B*H*W, hid) contiguous grid rows -> depth-wise conv, BN, act, attention -> (B, H*W, hid)."""
         c = rows.shape[-1]
         g = rows.view(b, hw[0], hw[1], c).permute(0, 3, 1, 2)  # channels-last view, no copy
@@ -384,7 +395,7 @@ class LocalViTFFN(LocalifyModule):
             t = self.attn(t, inplace=not torch.is_grad_enabled())
         return t
 
-    def _one_sample(self, x: torch.Tensor, hw: tuple[Any, Any], prm: tuple) -> torch.Tensor:
+    def _one_sample(self, x: torch.Tensor, hw: tuple[Any, Any], prm: FoldedParams) -> torch.Tensor:
         """Eval, no autograd, one sample with extra tokens: no concatenation at all.
 
         fc1 runs on every token; the grid rows are a channels-last image; the depth-wise conv gets one extra
@@ -400,7 +411,7 @@ class LocalViTFFN(LocalifyModule):
             self.attn(t.narrow(1, hw[1], n - p - s), inplace=True)
         return self._pw2(tokens_around_grid(t, h.unsqueeze(0), hw[1], p, s), prm)
 
-    def _grid_eval(self, g: torch.Tensor, prm: tuple) -> torch.Tensor:
+    def _grid_eval(self, g: torch.Tensor, prm: FoldedParams) -> torch.Tensor:
         """Eval (folded weights): a (B, H, W, in) grid through the whole block -> (B, H, W, out).
 
         The hidden map stays channels-last from fc1 to fc2 (views only); the point-wise layers run as 1x1
@@ -409,16 +420,16 @@ class LocalViTFFN(LocalifyModule):
         """
         conv = use_conv_pointwise(g)
         if conv:
-            h = F.conv2d(g.contiguous().permute(0, 3, 1, 2), prm[0][:, :, None, None], prm[1])
+            h = F.conv2d(g.contiguous().permute(0, 3, 1, 2), prm.w1[:, :, None, None], prm.b1)
         else:
-            h = F.linear(g, prm[0], prm[1]).permute(0, 3, 1, 2)
+            h = F.linear(g, prm.w1, prm.b1).permute(0, 3, 1, 2)
         # (B, hid, H, W) channels-last from here to fc2: activations, conv and attention on the map
         t = self._act(self._dw(self._act(h), prm))
         if self.attn is not None:
             t = self.attn(t, inplace=not torch.is_grad_enabled())
         if conv:
-            return F.conv2d(t, prm[4][:, :, None, None], prm[5]).permute(0, 2, 3, 1)
-        return F.linear(t.permute(0, 2, 3, 1), prm[4], prm[5])
+            return F.conv2d(t, prm.w2[:, :, None, None], prm.b2).permute(0, 2, 3, 1)
+        return F.linear(t.permute(0, 2, 3, 1), prm.w2, prm.b2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prm = self._eval_params()
@@ -475,7 +486,7 @@ class LocalViTFFN(LocalifyModule):
         y = torch.cat([yp.view(b, p, o), yg, ys.view(b, s, o)], dim=1)  # (B, N, out), out_dim wide
         return self._bn3(y, prm).view(b, n, o)
 
-    def _bn3(self, y: torch.Tensor, prm: tuple | None) -> torch.Tensor:
+    def _bn3(self, y: torch.Tensor, prm: FoldedParams | None) -> torch.Tensor:
         """BN3 over all tokens' rows on the module path (folded into fc2 on the eval path)."""
         if prm is not None or self.bn3 is None:
             return y
