@@ -389,6 +389,7 @@ def find_grid_source(calls: list[CallRecord], batch: int, fc1: str, grid: tuple[
     if image is not None:
         key, (sy, sx) = image
         cands.append(GridSpec("", "input", key, "tensor", (2, 3), None, ((sy, sx), (1, 1), (0, 0), (sy, sx))))
+    cands = [c for c in cands if _validates(c, fc1, extra, calls)]  # it must hold at the traced size too
     if probe is None:
         return cands[0] if cands else GridSpec(kind="static", static=grid)
     chosen = next((c for c in cands if _validates(c, fc1, extra, probe)), None)
