@@ -307,6 +307,11 @@ def main() -> None:
                 makers = {n: eager_runner(m) for n, m in models.items()}
             elif rt == "compile":
                 torch._dynamo.reset()
+                # every model and batch size is one more compile of the same forward code
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                           4 * len(names) * len(args.batches))
+                torch._dynamo.config.accumulated_recompile_limit = max(
+                    torch._dynamo.config.accumulated_recompile_limit, 8 * len(names) * len(args.batches))
                 makers = {n: compile_runner(models[n]) for n in names}
             else:
                 makers = {}
