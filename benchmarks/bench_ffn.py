@@ -29,9 +29,10 @@ import timm
 import torch
 
 import localify
+from localify.layers import pointwise_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stable import per_call, stable_allocator  # noqa: E402
+from _stable import CLOCKS, per_call, stable_allocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_localvit import replace_mlps_with_reference  # noqa: E402
@@ -56,18 +57,18 @@ def _build(model_name: str, se_hidden: int | None) -> dict[str, torch.nn.Module]
     return models
 
 
-def _infer(model, x, iters):
+def _infer(model, x, iters, clock=time.perf_counter):
     with torch.inference_mode():
-        return per_call(model, x, iters)
+        return per_call(model, x, iters, clock)
 
 
-def _train_step(model, x, iters):
+def _train_step(model, x, iters, clock=time.perf_counter):
     model.train()
-    t = time.perf_counter()
+    t = clock()
     for _ in range(iters):
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()
-    dt = (time.perf_counter() - t) / iters
+    dt = (clock() - t) / iters
     model.eval()
     return dt
 
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
+                    help="wall clock, or CPU time (steadier on a busy machine; use with --threads 1)")
     ap.add_argument("--se", action="store_true", help="SE (hidden 4) in both localvit and the reference")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,7 +99,7 @@ def main() -> None:
         times = {name: [] for name in models}
         for _ in range(args.rounds):
             for name, m in models.items():
-                times[name].append(_infer(m, x, iters))
+                times[name].append(_infer(m, x, iters, CLOCKS[args.timer]))
         for name in models:
             results[name][col] = statistics.median(times[name])
     if not args.no_train:
@@ -109,13 +112,13 @@ def main() -> None:
         times = {name: [] for name in train_models}
         for _ in range(max(3, args.rounds // 2)):
             for name, m in train_models.items():
-                times[name].append(_train_step(m, x, 1))
+                times[name].append(_train_step(m, x, 1, CLOCKS[args.timer]))
         for name in train_models:
             results[name][col] = statistics.median(times[name])
 
     design = "h-swish + SE hidden 4" if args.se else "h-swish, no channel attention"
     print(f"{args.model}, all blocks, localvit and reference: {design}, {args.threads} threads, 224x224, "
-          "medians of interleaved rounds; ratio to the original (ms)")
+          f"medians of interleaved rounds, point-wise backend {pointwise_backend()}; ratio to the original (ms)")
     print(f"{'':<20}" + "".join(f"{c:>20}" for c in cols))
     base = results["original"]
     for name, row in results.items():

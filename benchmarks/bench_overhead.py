@@ -11,7 +11,10 @@ weights), so machine noise hits both; the table shows medians over rounds and th
 --floor times a third model in the same rounds: the original plus, in every converted MLP, one depth-wise conv
 over the hidden grid right after fc1 whose result is thrown away (a contiguous grid of the same size, so no
 layout work, no copy, no concatenation). Any LocalViT conversion runs at least that conv, so its ratio is a
-lower bound for what a conversion can reach with PyTorch's CPU convolution on this machine.
+lower bound for what a conversion can reach with PyTorch's CPU convolution on this machine, as long as it keeps
+the model's point-wise primitive: where localify runs the projections of a converted block as 1x1 convolutions
+(localify.layers.pointwise_backend() is "conv", e.g. on AMD CPUs), a converted model can run below it, and
+benchmarks/bench_runtimes.py times the original with that primitive too.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 import localify
-from localify.layers import LocalityLinear
+from localify.layers import LocalityLinear, pointwise_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stable import per_call, stable_allocator  # noqa: E402
+from _stable import CLOCKS, per_call, stable_allocator  # noqa: E402
 
 
 class ConvCallOnly(LocalityLinear):
@@ -56,7 +59,7 @@ def conv_call_floor(converted: torch.nn.Module) -> torch.nn.Module:
 
 
 def bench(model_name: str, batches: list[int], threads: int, rounds: int, variant: str, layers: str,
-          model_kwargs: dict | None = None, floor: bool = False) -> list[dict]:
+          model_kwargs: dict | None = None, floor: bool = False, timer: str = "wall") -> list[dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
@@ -75,7 +78,7 @@ def bench(model_name: str, batches: list[int], threads: int, rounds: int, varian
             times = [[] for _ in models]
             for _ in range(rounds):
                 for m, t in zip(models, times):
-                    t.append(per_call(m, x, iters))
+                    t.append(per_call(m, x, iters, CLOCKS[timer]))
             tb, tc = times[0], times[1]
             mb, mc = statistics.median(tb), statistics.median(tc)
             rows.append({"batch": b, "original_ms": mb * 1e3, "converted_ms": mc * 1e3, "ratio": mc / mb,
@@ -96,15 +99,17 @@ def main() -> None:
     ap.add_argument("--variant", default="dwconv")
     ap.add_argument("--layers", default="all")
     ap.add_argument("--floor", action="store_true", help="also time the conv calls alone (a lower bound)")
+    ap.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
+                    help="wall clock, or CPU time (steadier on a busy machine; use with --threads 1)")
     ap.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE",
                     help="timm.create_model keyword (VALUE is a Python literal), e.g. class_token=False")
     args = ap.parse_args()
     kwargs = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.kw)}
     rows = bench(args.model, args.batches, args.threads, args.rounds, args.variant, args.layers, kwargs,
-                 args.floor)
+                 args.floor, args.timer)
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     print(f"{args.model}{extra}, variant={args.variant}, layers={args.layers}, {args.threads} threads, 224x224, "
-          f"inference, medians of {args.rounds} interleaved rounds")
+          f"inference, medians of {args.rounds} interleaved rounds, point-wise backend {pointwise_backend()}")
     print(f"{'batch':>5} {'original ms':>12} {'converted ms':>13} {'ratio':>7} {'min/min':>8} {'paired':>7}"
           + (f" {'floor':>7}" if args.floor else ""))
     for r in rows:

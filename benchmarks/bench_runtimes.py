@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import inspect
 import os
 import platform
 import shutil
@@ -52,7 +53,7 @@ import torch
 import localify
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stable import stable_allocator  # noqa: E402
+from _stable import CLOCKS, stable_allocator  # noqa: E402
 from bench_overhead import conv_call_floor  # noqa: E402
 
 from localify.layers import (  # noqa: E402
@@ -150,9 +151,6 @@ def build(model_name: str, names: list[str], floor: bool, train: bool = False) -
 
 
 # --- runners: model -> make(x) -> a call with no arguments -------------------------------------------------
-CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def _timed(fn: Callable[[], object], iters: int, clock: Callable[[], float]) -> float:
     t = clock()
     for _ in range(iters):
@@ -178,10 +176,12 @@ def onnx_cache_key(model_name: str, name: str, dynamic: str) -> str:
     the point-wise backend, the exporter's versions."""
     h = hashlib.sha256(f"{model_name}|{name}|{dynamic}|{pointwise_backend()}|{versions()}".encode())
     pkg = os.path.dirname(localify.__file__)
-    files = [os.path.join(pkg, f) for f in sorted(os.listdir(pkg)) if f.endswith(".py")] + [__file__]
-    for f in files:
-        with open(f, "rb") as fh:
-            h.update(os.path.basename(f).encode() + fh.read())
+    for f in sorted(os.listdir(pkg)):
+        if f.endswith(".py"):
+            with open(os.path.join(pkg, f), "rb") as fh:
+                h.update(f.encode() + fh.read())
+    for fn in (convert, wrap_mlps, same_primitive, ConvPointwiseLinear):
+        h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:20]
 
 
@@ -264,7 +264,7 @@ def main() -> None:
                     help="columns besides the original (default: all; --quick: no 'original conv-pw')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--timer", choices=sorted(CLOCK), default="wall",
+    ap.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
                     help="wall clock (default), or the process's CPU time: steadier on a busy machine, "
                          "meaningful with --threads 1")
     ap.add_argument("--train-rounds", type=int, default=None, help="default: max(3, rounds // 2)")
@@ -287,7 +287,7 @@ def main() -> None:
         args.rounds = min(args.rounds, 3)
         args.train_rounds = args.train_rounds or 1
     train_rounds = args.train_rounds or max(3, args.rounds // 2)
-    clock = CLOCK[args.timer]
+    clock = CLOCKS[args.timer]
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
@@ -307,6 +307,11 @@ def main() -> None:
                 makers = {n: eager_runner(m) for n, m in models.items()}
             elif rt == "compile":
                 torch._dynamo.reset()
+                # every model and batch size is one more compile of the same forward code
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                           4 * len(names) * len(args.batches))
+                torch._dynamo.config.accumulated_recompile_limit = max(
+                    torch._dynamo.config.accumulated_recompile_limit, 8 * len(names) * len(args.batches))
                 makers = {n: compile_runner(models[n]) for n in names}
             else:
                 makers = {}

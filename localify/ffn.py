@@ -59,6 +59,7 @@ from .layers import (
     fuse_locality_linear,
     linear_rows,
     require_eval,
+    rows_to_grid,
     tokens_around_grid,
     tracing,
     use_conv_pointwise,
@@ -404,9 +405,8 @@ class LocalViTFFN(LocalifyModule):
         """
         n, p, s = x.shape[1], self.prefix, self.suffix
         h = self._pw1(x.reshape(n, -1), prm)  # (N, hid)
-        c = h.shape[-1]
-        g = h[p:n - s].view(1, hw[0], hw[1], c).permute(0, 3, 1, 2)
-        t = self._act(self._dw(g, prm, pad_rows=1)).permute(0, 2, 3, 1).flatten(1, 2)  # (1, (H+2)*W, hid)
+        t = self._act(self._dw(rows_to_grid(h, p, hw), prm, pad_rows=1))
+        t = t.permute(0, 2, 3, 1).flatten(1, 2)  # (1, (H + 2) * W, hid), a view
         if self.attn is not None:
             self.attn(t.narrow(1, hw[1], n - p - s), inplace=True)
         return self._pw2(tokens_around_grid(t, h.unsqueeze(0), hw[1], p, s), prm)
@@ -452,7 +452,7 @@ class LocalViTFFN(LocalifyModule):
         m = n - p - s
         if prm is not None:
             if not torch.is_grad_enabled() and not tracing() and b == 1 and max(p, s) <= hw[1]:
-                return self._one_sample(x, hw, prm)  # no shape guard when tracing: tracing() first
+                return self._one_sample(x, hw, prm)  # no shape guard when exporting: tracing() first
             # eval: the grid through the whole block as a map, the few extra tokens as rows, joined
             # out-wide (what an exported graph keeps in one layout)
             pre, grid, suf = x.split([p, m, s], dim=1)

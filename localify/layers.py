@@ -20,8 +20,10 @@ Layout, measured on CPU (``benchmarks/bench_overhead.py``, ``benchmarks/bench_ru
   right after it: the result is returned as a view of the conv output, with no concatenation of the wide
   hidden tensor.
 * More samples: the grid tokens are projected on their own (a contiguous, channels-last grid) and the few
-  extra tokens separately. :class:`LocalityLinear` must return every token, so it concatenates the hidden
-  tensor once; :class:`LocalityMLP` never does (the join is ``out``-wide).
+  extra tokens separately. :class:`LocalityLinear` must return every token: in inference it uses the
+  row-padded conv as for one sample and returns a strided view (the samples' tokens sit (H + 2) * W rows
+  apart); with autograd, or in an exported graph, it concatenates the hidden tensor once.
+  :class:`LocalityMLP` never does (the join is ``out``-wide).
 * Point-wise projections of a (B, H, W, C) grid run either as ``F.linear`` or as a 1x1 convolution of its
   channels-last view (oneDNN), see :func:`pointwise_backend`. When ``torch.export`` traces the model (ONNX
   export) the 1x1-convolution form is always used: the exported graph then holds the hidden grid in one
@@ -335,13 +337,15 @@ class LocalityLinear(LocalifyModule):
             y.narrow(2, 1, g.shape[2]).add_(g)
         return y
 
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection of a (B, H, W, C) grid -> (B, H, W, out), a view of a channels-last tensor."""
+        if self._plain_linear() and use_conv_pointwise(x):
+            return linear_channels_last(x, self.linear.weight, self.linear.bias)
+        return self.linear(x)
+
     def _grid(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) grid -> projection and conv -> (B, H, W, out), a view of the channels-last conv output."""
-        if self._plain_linear() and use_conv_pointwise(x):
-            h = linear_channels_last(x, self.linear.weight, self.linear.bias)
-        else:
-            h = self.linear(x)
-        return self._conv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self._conv(self._project(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # layout BHWC, or the grid alone
@@ -354,21 +358,34 @@ class LocalityLinear(LocalifyModule):
         check_tokens(n, hw, p, s)
         if p == 0 and s == 0:
             return self._grid(x.unflatten(1, hw)).flatten(1, 2)
-        # no shape guard when tracing: check tracing() first
+        # no shape guard when exporting: check tracing() first
         if not tracing() and x.shape[0] == 1 and max(p, s) <= hw[1] and self._plain_conv():
             # One sample: the grid rows of the full projection are already a channels-last image. One
             # extra row of padding above and below the grid leaves room in the conv output for the prefix
             # tokens (end of the top row) and the suffix tokens (start of the bottom row), so the tokens
             # come back as a view of it; only the few extra tokens are copied.
             h = self.linear(x)
-            y = self._conv_padded(tokens_to_grid(h[:, p:n - s], hw))
+            y = self._conv_padded(rows_to_grid(h, p, hw))
             return tokens_around_grid(grid_to_tokens(y), h, hw[1], p, s)
-        # project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
+        # Project the grid tokens on their own so the hidden grid is contiguous (channels-last for the
         # conv, no copy of the wide hidden tensor); the few extra tokens are projected separately. The
         # narrow inputs are made contiguous first: a strided input would take matmul's slower path (a copy
-        # anyway, then the bias added in a separate pass over the wide output). The one concatenation of
-        # the hidden tensor is the price of returning every token (LocalityMLP avoids it).
-        z = self._grid(x[:, p:n - s].contiguous().unflatten(1, hw)).flatten(1, 2)
+        # anyway, then the bias added in a separate pass over the wide output).
+        grid = x[:, p:n - s].contiguous().unflatten(1, hw)
+        if not tracing() and not torch.is_grad_enabled() and max(p, s) <= hw[1] and self._plain_conv():
+            # Inference: the row-padded conv as for one sample; every sample's tokens are a dense block of
+            # its padded output, so the result is a view with a batch stride of (H + 2) * W tokens (what
+            # comes next, the activation, reads it in one pass) and nothing wide is concatenated.
+            y = grid_to_tokens(self._conv_padded(self._project(grid).permute(0, 3, 1, 2)))
+            out = y.narrow(1, hw[1] - p, n)
+            if p:
+                out.narrow(1, 0, p).copy_(self._rows(x[:, :p]))
+            if s:
+                out.narrow(1, n - s, s).copy_(self._rows(x[:, n - s:]))
+            return out
+        # With autograd (or when exporting): one concatenation of the hidden tensor, the price of returning
+        # every token as one dense tensor (LocalityMLP avoids it); its gradient is a split.
+        z = self._grid(grid).flatten(1, 2)
         parts = [z]
         if p:
             parts.insert(0, self._rows(x[:, :p]))
@@ -533,8 +550,19 @@ def tokens_around_grid(t: torch.Tensor, h: torch.Tensor, width: Any, prefix: int
 
 
 def tracing() -> bool:
-    """True under torch.compile / torch.export / TorchScript tracing: take the shape-generic path there."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """True while ``torch.export`` (ONNX export included) or TorchScript traces the model: take the
+    shape-generic path there, with no guard on the batch size or the grid. ``torch.compile`` specialises on
+    shapes (with guards), so the eager paths, the one-sample ones included, apply there."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def rows_to_grid(h: torch.Tensor, start: int, hw: tuple[int, int]) -> torch.Tensor:
+    """Rows ``start .. start + H*W`` of one sample's tokens ``h`` ((N, C) or (1, N, C)) as a (1, C, H, W)
+    channels-last view. Written with explicit strides: under torch.compile a plain view gives the size-1
+    batch dim stride 0, and oneDNN then runs the conv in NCHW and returns NCHW (a transposing copy after it)."""
+    c, (gh, gw) = h.shape[-1], hw
+    flat = h.reshape(-1)[start * c:]  # as_strided without an offset keeps this view's own storage offset
+    return flat.as_strided((1, c, gh, gw), (gh * gw * c, 1, gw * c, c))
 
 
 def fuse_locality_linear(m: LocalityLinear) -> LocalityLinear:

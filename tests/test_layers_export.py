@@ -208,6 +208,34 @@ def test_locality_mlp_matches_plain_reference(kind, tokens, residual, backend):
         assert rel_err(block(x).detach(), want) <= 1e-5  # with autograd
 
 
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("tokens", TOKENS + [(6, 0)], ids=lambda t: f"p{t[0]}s{t[1]}")
+def test_locality_linear_matches_plain_reference(tokens, residual, backend):
+    """Every path: one sample or more, inference (row-padded conv, a strided view) or autograd (concat),
+    and a prefix wider than a grid row (6 > 5: the concatenating path)."""
+    p, s = tokens
+    hw = (4, 5)
+    torch.manual_seed(0)
+    ll = LocalityLinear(nn.Linear(DIM, HID), static_grid(hw), p, s, residual=residual)
+    with torch.no_grad():
+        ll.dwconv.weight.add_(torch.randn(ll.dwconv.weight.shape))
+    ref = ReferenceFc1(ll, hw)
+    for b in (1, 3):
+        x = torch.randn(b, p + 20 + s, DIM, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            want = ref(x)
+            got = ll(x)
+            assert rel_err(got, want) <= 1e-5
+            assert rel_err(F.gelu(got), F.gelu(want)) <= 1e-5  # what reads it next
+        xg = x.clone().requires_grad_()
+        got = ll(xg)
+        assert rel_err(got, want) <= 1e-5
+        got.square().sum().backward()
+        xr = x.clone().requires_grad_()
+        ref(xr).square().sum().backward()
+        assert rel_err(xg.grad, xr.grad) <= 1e-5
+
+
 def test_locality_mlp_keeps_keys_children_and_gradients():
     mlp = make_mlp("mlp")
     mlp.note = "kept"
@@ -283,6 +311,22 @@ def test_locality_mlp_compiles_without_graph_breaks():
     with torch.no_grad():
         ex = torch._dynamo.explain(model)(img(2, 32, 48))
     assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(r.reason) for r in ex.break_reasons]
+
+
+@pytest.mark.parametrize("variant", ["dwconv", "dwconv-mlp", "localvit-fused"])
+def test_compile_one_sample_matches_eager(variant):
+    """torch.compile takes the one-sample paths (row-padded conv): no graph break, same result."""
+    import torch._dynamo
+
+    model = tiny_vit(variant, reg_tokens=1)
+    x = img(1, 32, 48)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ex = torch._dynamo.explain(model)(x)
+        assert ex.graph_break_count == 0, [str(r.reason) for r in ex.break_reasons]
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        assert rel_err(got, model(x)) <= 1e-5
 
 
 def test_per_token_module_probe():
