@@ -342,6 +342,17 @@ def test_compile_one_sample_matches_eager(variant):
         assert rel_err(got, model(x)) <= 1e-5
 
 
+def test_locality_mlp_config_errors_change_nothing():
+    mlp = make_mlp("mlp")
+    for kw, match in [({"fc2": "out"}, "found no such submodule"), ({"layout": "NCHW"}, "unknown layout"),
+                      ({"prefix": -1}, "must be >= 0")]:
+        with pytest.raises(localify.ConfigError, match=match):
+            LocalityMLP(mlp, static_grid((4, 5)), **kw)
+        assert type(mlp.fc2) is nn.Linear
+    with pytest.raises(localify.ConfigError, match="needs a grid source"):
+        LocalityMLP(mlp, None)
+
+
 def test_per_token_module_probe():
     assert all(per_token_module(make_mlp(k), DIM) for k in ("mlp", "glu", "swiglu"))
 
@@ -363,7 +374,8 @@ def test_per_token_module_probe():
             return self.fc(x)
 
     mixing = TokenMixing().train()
-    assert not per_token_module(mixing, DIM) and mixing.training
+    mixing.fc.eval()
+    assert not per_token_module(mixing, DIM) and mixing.training and not mixing.fc.training
     assert not per_token_module(Only3d(), DIM)
 
 
