@@ -15,16 +15,21 @@ BatchNorm and activation, and the channel attention).
 
 Implementation notes (speed):
 
-* The point-wise convs are ``nn.Linear(bias=False)`` modules applied to token rows: a 1x1 conv is exactly a
-  matmul over channels, and a Linear on (rows, C) runs one GEMM with no layout change. Weights are (out, in);
-  a paper checkpoint's (out, in, 1, 1) conv weight loads after ``.flatten(1)``.
+* The point-wise convs are ``nn.Linear(bias=False)`` modules: a 1x1 conv is exactly a matmul over channels.
+  Weights are (out, in); a paper checkpoint's (out, in, 1, 1) conv weight loads after ``.flatten(1)``. They
+  run as ``F.linear`` or as a 1x1 ``F.conv2d`` of a channels-last view, whichever
+  :func:`~localify.layers.pointwise_backend` picks for this CPU (oneDNN's conv is 2-3x faster than MKL's
+  sgemm on AMD CPUs), and always as the conv in an exported graph.
 * All BatchNorms are ``nn.BatchNorm1d`` called on (rows, C) views, i.e. normalisation over channels (what a
   BatchNorm2d does on the image). They are called as modules, so ``SyncBatchNorm`` conversion works.
-* The rows are ordered "all grid tokens of the batch first, then the extra tokens": the grid rows are then
-  one contiguous (B*H*W, hid) block whose (B, H, W, hid) view permuted to (B, hid, H, W) is already
+* Training: the rows are ordered "all grid tokens of the batch first, then the extra tokens": the grid rows
+  are then one contiguous (B*H*W, hid) block whose (B, H, W, hid) view permuted to (B, hid, H, W) is already
   channels-last, so the depth-wise conv and the way back to tokens need no copy. Reordering happens only at
   the narrow ends (in_dim / out_dim wide, a quarter of the hidden width for ratio 4): one concat of the
   input rows and one concat of the output tokens. Nothing hid-wide is ever concatenated or copied.
+* Eval: the grid tokens go through the whole block as a (B, H, W) map, channels-last from fc1 to fc2, and
+  the few extra tokens as rows; the two are joined out-wide. An exported graph (ONNX) then holds the hidden
+  map in one layout, with transposes only at the narrow ends (ONNX Runtime folds them into its reorders).
 * BatchNorm statistics in training mode: BN1 and BN3 over all tokens (grid and extras), BN2 over the grid.
 * Without autograd (``torch.no_grad`` / ``inference_mode``) the activations and the SE/ECA scaling run in
   place on tensors the block itself just allocated (never on the input).

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._grid import GridSource, check_tokens
-from .errors import FuseError
+from .errors import ConfigError, FuseError
 
 __all__ = [
     "LocalifyModule",
@@ -57,6 +57,7 @@ __all__ = [
     "linear_channels_last",
     "linear_rows",
     "use_conv_pointwise",
+    "per_token_module",
 ]
 
 POINTWISE_ENV = "LOCALIFY_POINTWISE"
@@ -440,6 +441,20 @@ class LocalityMLP(nn.Module):
     def __init__(self, mlp: nn.Module, grid: GridSource | None, prefix: int = 0, suffix: int = 0,
                  layout: str = "BNC", fc2: str | None = "fc2") -> None:
         super().__init__()
+        if layout not in ("BNC", "BHWC"):
+            raise ConfigError(f"localify: unknown layout {layout!r}; choose 'BNC' or 'BHWC'")
+        if layout == "BNC" and grid is None:
+            raise ConfigError("localify: layout 'BNC' needs a grid source (GridSource) for the (H, W) token grid")
+        if prefix < 0 or suffix < 0:
+            raise ConfigError(f"localify: prefix and suffix must be >= 0, got {prefix} and {suffix}")
+        lin = None
+        if fc2 is not None:
+            try:
+                lin = mlp.get_submodule(fc2)
+            except AttributeError:
+                raise ConfigError(
+                    f"localify: LocalityMLP looked for the second projection {fc2!r} in {type(mlp).__name__} and "
+                    f"found no such submodule; pass fc2= its path inside the MLP (or None)") from None
         object.__setattr__(self, "_base", mlp)  # not a child: its children are this module's children
         for name in _SHARED:
             if hasattr(mlp, name):
@@ -449,10 +464,8 @@ class LocalityMLP(nn.Module):
         self.suffix = suffix
         self.layout = layout
         self.grid_source = grid
-        if fc2 is not None:
-            lin = mlp.get_submodule(fc2)
-            if type(lin) is nn.Linear:
-                lin.__class__ = PointwiseLinear
+        if type(lin) is nn.Linear:
+            lin.__class__ = PointwiseLinear
 
     def get_base_layer(self) -> nn.Module:
         """The MLP module this block runs (it shares its parameters and children with this one)."""
@@ -514,7 +527,7 @@ def per_token_module(mlp: nn.Module, in_features: int) -> bool:
     p = next(iter(mlp.parameters()), None)
     kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
     x = torch.randn(6, in_features, generator=torch.Generator().manual_seed(0)).to(**kw)
-    was = mlp.training
+    modes = [(m, m.training) for m in mlp.modules()]
     try:
         mlp.eval()
         with torch.no_grad():
@@ -524,7 +537,8 @@ def per_token_module(mlp: nn.Module, in_features: int) -> bool:
     except Exception:
         return False
     finally:
-        mlp.train(was)
+        for m, mode in modes:
+            m.training = mode
     if not all(isinstance(y, torch.Tensor) for y in (y2, y3, y4)) or y2.dim() != 2:
         return False
     tol = 1e-5 * float(y2.abs().max()) + 1e-6

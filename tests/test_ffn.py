@@ -15,7 +15,7 @@ from torch import nn
 from localify._grid import GridSource, GridSpec
 from localify.errors import ConfigError, FuseError
 from localify.ffn import LocalViTFFN, eca_kernel_size, fuse_ffn, fuse_locality_linear
-from localify.layers import LocalityLinear
+from localify.layers import LocalityLinear, set_pointwise_backend
 
 IN, HID, OUT = 16, 32, 24
 B = 2
@@ -29,6 +29,14 @@ TOKENS = [("BNC", 0, 0), ("BNC", 1, 0), ("BNC", 0, 2), ("BNC", 4, 1), ("BHWC", 0
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=["conv", "linear"])
+def backend(request):
+    """Both point-wise primitives (1x1 conv of a channels-last view, F.linear), whatever this CPU picks."""
+    prev = set_pointwise_backend(request.param)
+    yield request.param
+    set_pointwise_backend(prev)
 
 
 def static_grid(hw=(H, W)) -> GridSource:
@@ -143,7 +151,7 @@ def test_forward_backward_shapes(act, attention, k, tokens):
 @pytest.mark.parametrize("attention", ATTNS)
 @pytest.mark.parametrize("act", ["hswish", "gelu"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_matches_naive_nchw_computation(act, attention, tokens, batch):
+def test_matches_naive_nchw_computation(act, attention, tokens, batch, backend):
     """Eval mode (BatchNorms folded on the fly; one sample: the row-padded conv) against plain NCHW."""
     layout, p, s = tokens
     m = randomise(make_ffn(act, attention, 3, layout, p, s)).eval()
@@ -151,6 +159,30 @@ def test_matches_naive_nchw_computation(act, attention, tokens, batch):
     with torch.no_grad():
         assert rel_err(m(x), naive_forward(m, x, (H, W))) < 1e-5
     assert rel_err(m(x).detach(), naive_forward(m, x, (H, W))) < 1e-5  # with autograd
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"{t[0]}-p{t[1]}-s{t[2]}")
+@pytest.mark.parametrize("attention", [None, "se"])
+def test_training_step_same_with_both_pointwise_primitives(attention, tokens):
+    """Training mode (BatchNorm batch statistics over all tokens): outputs, input and parameter gradients and
+    the running statistics agree between the 1x1-conv and the F.linear point-wise layers."""
+    layout, p, s = tokens
+    results = []
+    for name in ("conv", "linear"):
+        prev = set_pointwise_backend(name)
+        try:
+            m = randomise(make_ffn("hswish", attention, 3, layout, p, s)).train()
+            x = make_input(m, batch=3).requires_grad_()
+            y = m(x)
+            (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+            results.append((y.detach(), x.grad, {n: q.grad for n, q in m.named_parameters()},
+                            m.bn1.running_var.clone()))
+        finally:
+            set_pointwise_backend(prev)
+    (y0, gx0, g0, v0), (y1, gx1, g1, v1) = results
+    assert rel_err(y0, y1) < 1e-5 and rel_err(gx0, gx1) < 1e-5 and rel_err(v0, v1) < 1e-5
+    for n in g0:
+        assert rel_err(g0[n], g1[n]) < 1e-4, n
 
 
 def test_eval_folding_follows_every_change():
@@ -503,9 +535,10 @@ def naive_locality_linear(m: LocalityLinear, x: torch.Tensor, hw) -> torch.Tenso
 @pytest.mark.parametrize(
     "p,s,hw", [(0, 0, (H, W)), (1, 0, (H, W)), (2, 3, (5, 7)), (4, 1, (7, 5)), (9, 0, (6, 3)), (0, 4, (1, 3))]
 )
-def test_locality_linear_matches_naive(p, s, hw, residual, batch):
-    """Every token path (one sample: a view of a row-padded conv; more: split + concat; more extra tokens than
-    a grid row: the fallback) gives the plain computation, with a random kernel, in and out of autograd."""
+def test_locality_linear_matches_naive(p, s, hw, residual, batch, backend):
+    """Every token path (a view of a row-padded conv: dense for one sample, strided for more, in inference;
+    split + concat with autograd; more extra tokens than a grid row: the fallback) gives the plain
+    computation, with a random kernel, in and out of autograd, with either point-wise primitive."""
     torch.manual_seed(0)
     m = LocalityLinear(nn.Linear(IN, HID), static_grid(hw), p, s, residual=residual)
     with torch.no_grad():

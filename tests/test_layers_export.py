@@ -83,9 +83,9 @@ def tiny_vit(variant: str, reg_tokens: int = 0) -> nn.Module:
     torch.manual_seed(0)
     model = localify.create_model("vit_small_patch16_224", embed_dim=DIM, depth=2, num_heads=2, patch_size=P,
                                   img_size=32, dynamic_img_size=True, num_classes=5, reg_tokens=reg_tokens).eval()
-    localify.localify(model, variant="localvit" if variant.startswith("localvit") else "dwconv")
+    localify.localify(model, variant=variant.split("-")[0])
     randomise(model)
-    if variant == "dwconv-mlp":
+    if variant.endswith("-mlp"):
         wrap_mlps(model)
     if variant == "localvit-fused":
         localify.fuse(model)
@@ -296,6 +296,19 @@ def test_locality_mlp_in_a_model_loads_the_state_dict_of_the_unwrapped_conversio
         assert rel_err(wrapped(x), plain(x)) <= 1e-5
 
 
+def test_fuse_replaces_the_residual_fc1_inside_locality_mlp():
+    """localify.fuse swaps each residual LocalityLinear on its parent, here the LocalityMLP: the MLP it runs
+    gets the fused one too (shared children), and the output is unchanged."""
+    model = tiny_vit("residual-mlp")
+    x = img(2, 32, 40)
+    with torch.no_grad():
+        want = model(x)
+        localify.fuse(model)
+        for blk in model.blocks:
+            assert not blk.mlp.fc1.residual and blk.mlp.get_base_layer().fc1 is blk.mlp.fc1
+        assert rel_err(model(x), want) <= 1e-5
+
+
 def test_converted_model_with_locality_mlp_is_still_recognised_as_converted():
     """localify's own trace sees fc1 / fc2 as linear layers (its module hooks keep the module calls)."""
     plan = localify.find_mlps(tiny_vit("dwconv-mlp"))
@@ -329,6 +342,17 @@ def test_compile_one_sample_matches_eager(variant):
         assert rel_err(got, model(x)) <= 1e-5
 
 
+def test_locality_mlp_config_errors_change_nothing():
+    mlp = make_mlp("mlp")
+    for kw, match in [({"fc2": "out"}, "found no such submodule"), ({"layout": "NCHW"}, "unknown layout"),
+                      ({"prefix": -1}, "must be >= 0")]:
+        with pytest.raises(localify.ConfigError, match=match):
+            LocalityMLP(mlp, static_grid((4, 5)), **kw)
+        assert type(mlp.fc2) is nn.Linear
+    with pytest.raises(localify.ConfigError, match="needs a grid source"):
+        LocalityMLP(mlp, None)
+
+
 def test_per_token_module_probe():
     assert all(per_token_module(make_mlp(k), DIM) for k in ("mlp", "glu", "swiglu"))
 
@@ -350,7 +374,8 @@ def test_per_token_module_probe():
             return self.fc(x)
 
     mixing = TokenMixing().train()
-    assert not per_token_module(mixing, DIM) and mixing.training
+    mixing.fc.eval()
+    assert not per_token_module(mixing, DIM) and mixing.training and not mixing.fc.training
     assert not per_token_module(Only3d(), DIM)
 
 
