@@ -14,8 +14,9 @@ Models (random init, 224x224, all blocks converted):
                     the whole MLP separately; wired here by wrap_mlps() until localify() does it)
   localvit fused    the LocalViT block (h-swish, no channel attention) after localify.fuse()
 
-Runtimes, each timed in its own interleaved rounds (every round times every model back to back, so machine
-noise hits all of them; the table shows medians over rounds and the ratio to the original in the same runtime):
+Runtimes, each timed in a fresh process (--processes N: N of them, the median of their ratios is shown) in
+interleaved rounds (every round times every model back to back, so machine noise hits all of them; the table
+shows medians over rounds and the ratio to the original in the same runtime):
   eager     PyTorch, inference mode
   compile   torch.compile (inductor, static shapes: one graph per batch size), inference mode
   ort       ONNX Runtime, CPU execution provider, the file written by localify.export_onnx (dynamic batch by
@@ -35,10 +36,12 @@ import argparse
 import copy
 import hashlib
 import inspect
+import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -254,8 +257,7 @@ def time_training(models: dict[str, torch.nn.Module], batch: int, rounds: int, c
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
-    stable_allocator()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_tiny_patch16_224")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -264,6 +266,10 @@ def main() -> None:
                     help="columns besides the original (default: all; --quick: no 'original conv-pw')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--processes", type=int, default=1,
+                    help="fresh processes per runtime (default 1); the table shows the median of their ratios. "
+                         "Ratios differ from one process to the next by more than between the rounds of one "
+                         "(seen with ONNX Runtime: 1.02-1.12 for the same file), so more than one is better")
     ap.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
                     help="wall clock (default), or the process's CPU time: steadier on a busy machine, "
                          "meaningful with --threads 1")
@@ -281,73 +287,117 @@ def main() -> None:
                     help="3 rounds of short timings, 1 training round, no onnxruntime check of a fresh export "
                          "(a rough picture; under 2 minutes on a quiet machine once the inductor and ONNX caches "
                          "are warm)")
-    args = ap.parse_args()
-    names = ["original"] + [n for n in (args.models or (QUICK_MODELS if args.quick else MODELS)) if n != "original"]
+    ap.add_argument("--child", choices=[*RUNTIMES, "train"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.names = ["original"] + [n for n in (args.models or (QUICK_MODELS if args.quick else MODELS))
+                                 if n != "original"]
     if args.quick:
         args.rounds = min(args.rounds, 3)
         args.train_rounds = args.train_rounds or 1
-    train_rounds = args.train_rounds or max(3, args.rounds // 2)
-    clock = CLOCKS[args.timer]
+    args.train_rounds = args.train_rounds or max(3, args.rounds // 2)
+    return args
+
+
+def measure(args: argparse.Namespace, what: str) -> dict[str, dict[str, float]]:
+    """One runtime (or the training step) in this process: {batch: {model: median seconds per call}}."""
     torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.timer]
+    names = args.names
+    if what == "train":
+        tnames = ["original"] + [n for n in ("original conv-pw", "dwconv", "dwconv mlp") if n in names] + ["localvit"]
+        return {"16": time_training(build(args.model, tnames, False, train=True), 16, args.train_rounds, clock)}
+    models = build(args.model, names, what == "eager" and not args.no_floor)
+    with tempfile.TemporaryDirectory(prefix="bench_runtimes.") as tmp:
+        if what == "eager":
+            makers = {n: eager_runner(m) for n, m in models.items()}
+        elif what == "compile":
+            # every model and batch size is one more compile of the same forward code
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       4 * len(names) * len(args.batches))
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 8 * len(names) * len(args.batches))
+            makers = {n: compile_runner(models[n]) for n in names}
+        else:
+            makers = {}
+            for n in names:
+                key = onnx_cache_key(args.model, n, args.onnx_dynamic)
+                path = export(models[n], os.path.join(tmp, n.replace(" ", "_") + ".onnx"), args.onnx_dynamic,
+                              not args.quick, None if args.no_cache else args.cache, key)
+                makers[n] = ort_runner(path, args.threads)
+
+        def iters_for(b: int) -> int:
+            return max(1, (8 if args.quick else 32) // b)
+
+        out = time_runtime(makers, args.batches, args.rounds, iters_for, clock)
+    return {str(b): row for b, row in out.items()}
+
+
+def run_child(what: str) -> dict[str, dict[str, float]]:
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", what]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stderr)
+        raise SystemExit(f"bench_runtimes: the {what} measurement failed (exit code {res.returncode})")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float, float, float]]]:
+    """Per batch and model: (median seconds, median ratio to the original, lowest and highest ratio) over
+    the processes; each ratio is taken within one process."""
+    out: dict[str, dict[str, tuple[float, float, float, float]]] = {}
+    for b in runs[0]:
+        out[b] = {}
+        for n in runs[0][b]:
+            ratios = [r[b][n] / r[b]["original"] for r in runs]
+            out[b][n] = (statistics.median(r[b][n] for r in runs), statistics.median(ratios), min(ratios),
+                         max(ratios))
+    return out
+
+
+def main() -> None:
+    stable_allocator()
+    args = parse_args()
+    if args.child:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            print(json.dumps(measure(args, args.child)))
+        return
     t_start = time.perf_counter()
-
-    def iters_for(b: int) -> int:
-        return max(1, (8 if args.quick else 32) // b)
-
     print(f"{args.model}, random init, 224x224, {args.threads} threads, {args.timer} time; CPU: {cpu_model()} "
           f"({os.cpu_count()} logical CPUs); point-wise backend: {pointwise_backend()}")
     print(versions())
     floor = "eager" in args.runtimes and not args.no_floor
-    models = build(args.model, names, floor)
-    results: dict[str, dict[int, dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_runtimes.") as tmp:
-        for rt in args.runtimes:
-            t0 = time.perf_counter()
-            if rt == "eager":
-                makers = {n: eager_runner(m) for n, m in models.items()}
-            elif rt == "compile":
-                torch._dynamo.reset()
-                # every model and batch size is one more compile of the same forward code
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                           4 * len(names) * len(args.batches))
-                torch._dynamo.config.accumulated_recompile_limit = max(
-                    torch._dynamo.config.accumulated_recompile_limit, 8 * len(names) * len(args.batches))
-                makers = {n: compile_runner(models[n]) for n in names}
-            else:
-                makers = {}
-                for n in names:
-                    key = onnx_cache_key(args.model, n, args.onnx_dynamic)
-                    path = export(models[n], os.path.join(tmp, n.replace(" ", "_") + ".onnx"), args.onnx_dynamic,
-                                  not args.quick, None if args.no_cache else args.cache, key)
-                    makers[n] = ort_runner(path, args.threads)
-            results[rt] = time_runtime(makers, args.batches, args.rounds, iters_for, clock)
-            print(f"  [{rt}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-    train = None
-    if not args.no_train:
+    results = {}
+    for what in [*args.runtimes, *([] if args.no_train else ["train"])]:
         t0 = time.perf_counter()
-        tnames = ["original"] + [n for n in ("original conv-pw", "dwconv", "dwconv mlp") if n in names] + ["localvit"]
-        train = time_training(build(args.model, tnames, False, train=True), 16, train_rounds, clock)
-        print(f"  [train: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        results[what] = summarise([run_child(what) for _ in range(args.processes)])
+        print(f"  [{what}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+    train = results.pop("train", None)
 
-    print(f"\ninference, medians of {args.rounds} interleaved rounds per runtime; ratio to the original in the "
-          "same runtime (ms per call)")
-    cols = names[1:]
+    procs = f" x {args.processes} processes (median of their ratios)" if args.processes > 1 else ""
+    print(f"\ninference, medians of {args.rounds} interleaved rounds{procs} per runtime; ratio to the original "
+          "in the same runtime (ms per call)")
+    cols = args.names[1:]
     head = f"{'runtime':<9}{'batch':>6}{'original ms':>13}" + "".join(f"{n:>19}" for n in cols)
     print(head + (f"{'floor':>8}" if floor else ""))
     for rt, per_batch in results.items():
         for b, row in per_batch.items():
-            base = row["original"]
-            line = f"{rt:<9}{b:>6}{base * 1e3:>13.2f}"
+            line = f"{rt:<9}{b:>6}{row['original'][0] * 1e3:>13.2f}"
             for n in cols:
-                line += f"{row[n] / base:>10.3f} ({row[n] * 1e3:6.1f})"
+                line += f"{row[n][1]:>10.3f} ({row[n][0] * 1e3:6.1f})"
             if floor:
-                line += f"{row['floor'] / base:>8.3f}" if "floor" in row else f"{'-':>8}"
+                line += f"{row['floor'][1]:>8.3f}" if "floor" in row else f"{'-':>8}"
             print(line)
+    if args.processes > 1:
+        print("lowest - highest ratio over the processes:")
+        for rt, per_batch in results.items():
+            for b, row in per_batch.items():
+                print(f"{rt:<9}{b:>6}{'':>13}" + "".join(f"{f'{row[n][2]:.3f} - {row[n][3]:.3f}':>19}" for n in cols))
     if train is not None:
-        base = train["original"]
-        print(f"\ntraining step (eager, forward + backward, batch 16), medians of {train_rounds} interleaved rounds:"
-              f" original {base * 1e3:.1f} ms, "
-              + ", ".join(f"{n} {train[n] / base:.3f}" for n in train if n != "original"))
+        row = train["16"]
+        print(f"\ntraining step (eager, forward + backward, batch 16), medians of {args.train_rounds} interleaved "
+              f"rounds{procs}: original {row['original'][0] * 1e3:.1f} ms, "
+              + ", ".join(f"{n} {v[1]:.3f}" for n, v in row.items() if n != "original"))
     print(f"({time.perf_counter() - t_start:.0f} s in all)")
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import warnings
 from typing import Any
 
 import torch
@@ -62,7 +63,6 @@ __all__ = [
 
 POINTWISE_ENV = "LOCALIFY_POINTWISE"
 POINTWISE_BACKENDS = ("auto", "conv", "linear")
-_pointwise: dict[str, str | None] = {"set": None, "auto": None}
 
 
 class LocalifyModule(nn.Module):
@@ -148,34 +148,46 @@ def _auto_backend() -> str:
     return "conv" if "AuthenticAMD" in _cpu_vendor() else "linear"
 
 
+def _resolve(name: str | None) -> str:
+    name = (name or "auto").strip().lower() or "auto"
+    if name not in POINTWISE_BACKENDS:
+        warnings.warn(f"localify: {POINTWISE_ENV}={name!r} is not one of {POINTWISE_BACKENDS}; using 'auto'",
+                      stacklevel=3)
+        name = "auto"
+    return _auto_backend() if name == "auto" else name
+
+
+# resolved once, at import (never inside a compiled region: torch.compile cannot trace the CPU checks)
+_pointwise: dict[str, str | None] = {"setting": None, "value": None}
+
+
 def pointwise_backend() -> str:
     """How converted blocks run point-wise projections of a token grid in eager mode: ``conv`` or ``linear``.
 
     ``linear`` is ``F.linear`` (MKL's sgemm on x86 builds); ``conv`` is a 1x1 ``F.conv2d`` of the grid's
     channels-last view (oneDNN). Both compute the same product (float rounding aside, about 1e-7 relative).
-    Chosen once per process by :func:`set_pointwise_backend`, else the ``LOCALIFY_POINTWISE`` environment
-    variable (``conv``, ``linear`` or ``auto``), else ``auto``: ``conv`` on AMD CPUs with an MKL build,
-    ``linear`` elsewhere. ``conv`` applies to float32 CPU tensors of more than one sample only (with one
-    sample the two measured the same). Under ``torch.export`` (ONNX export) the 1x1-conv form is always used.
+    Set by :func:`set_pointwise_backend`, else by the ``LOCALIFY_POINTWISE`` environment variable (``conv``,
+    ``linear`` or ``auto``) as it was when localify was imported, else ``auto``: ``conv`` on AMD CPUs with an
+    MKL build, ``linear`` elsewhere. ``conv`` applies to float32 CPU tensors of more than one sample only (with
+    one sample the two measured the same). Under ``torch.export`` (ONNX export) the 1x1-conv form is always
+    used.
     """
-    name = _pointwise["set"] or os.environ.get(POINTWISE_ENV, "auto").strip().lower() or "auto"
-    if name not in POINTWISE_BACKENDS:
-        name = "auto"
-    if name == "auto":
-        if _pointwise["auto"] is None:
-            _pointwise["auto"] = _auto_backend()
-        return _pointwise["auto"]
-    return name
+    return _pointwise["value"]
 
 
 def set_pointwise_backend(name: str | None) -> str | None:
-    """Choose the eager point-wise primitive (``conv``, ``linear``, ``auto``; None: back to the environment
-    variable / ``auto``). Returns the previous setting. See :func:`pointwise_backend`."""
+    """Choose the eager point-wise primitive (``conv``, ``linear``, ``auto``; None: back to the
+    ``LOCALIFY_POINTWISE`` environment variable, read now, or ``auto``). Returns the previous setting.
+    See :func:`pointwise_backend`."""
     if name is not None and name not in POINTWISE_BACKENDS:
         raise ValueError(f"localify: unknown point-wise backend {name!r}; choose one of {POINTWISE_BACKENDS}")
-    prev = _pointwise["set"]
-    _pointwise["set"] = name
+    prev = _pointwise["setting"]
+    _pointwise["setting"] = name
+    _pointwise["value"] = _resolve(name if name is not None else os.environ.get(POINTWISE_ENV))
     return prev
+
+
+_pointwise["value"] = _resolve(os.environ.get(POINTWISE_ENV))
 
 
 def linear_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
