@@ -193,6 +193,20 @@ def make_config(layers: str, variant: Variant, kernel_size: int, act: Act, atten
         raise typer.BadParameter(msg, param_hint="conversion options") from None
 
 
+CONVERSION_OPTIONS = ("layers", "variant", "kernel_size", "act", "attention", "se_hidden", "se_reduction",
+                      "eca_kernel", "model_kwargs", "pretrained")
+
+
+def refuse_conversion_options(ctx: typer.Context) -> None:
+    """A saved file's recipe holds its conversion: conversion options given with one are a usage error."""
+    given = [n for n in CONVERSION_OPTIONS
+             if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise typer.BadParameter(f"{flags}: conversion options apply to a MODEL source, not to a saved file "
+                                 f"(its recipe holds them)", param_hint="MODEL_OR_SAVED_FILE")
+
+
 def input_size_value(value: str | None) -> tuple[int | None, tuple[int, int]] | None:
     """``3x224x224`` -> (3, (224, 224)); ``160x224`` -> (None, (160, 224))."""
     if value is None:

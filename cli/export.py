@@ -38,6 +38,7 @@ from ._options import (
     VariantOpt,
     kwargs_value,
     make_config,
+    refuse_conversion_options,
 )
 from ._output import (
     Output,
@@ -78,6 +79,7 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing o
 
 
 def export(
+    ctx: typer.Context,
     target: TargetArg,
     output: OutOpt,
     model_kwargs: ModelKwargsOpt = None,
@@ -111,9 +113,7 @@ def export(
     spec = InputSpec(input_size, example_inputs)
     localify.check_export_path(output, force=force)  # before any work is done (the export checks again)
     if is_saved_path(target):
-        if pretrained:
-            raise typer.BadParameter("--pretrained applies to a MODEL source, not to a saved file (it holds its "
-                                     "weights)", param_hint="--pretrained")
+        refuse_conversion_options(ctx)
         with out.status(f"loading {target}"):
             model = localify.load(target, base_checkpoint=checkpoint, trust_code=trust_code)
     else:

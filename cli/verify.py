@@ -49,6 +49,7 @@ from ._options import (
     VariantOpt,
     kwargs_value,
     make_config,
+    refuse_conversion_options,
     sizes_value,
 )
 from ._output import (
@@ -78,8 +79,6 @@ ExportOpt = Annotated[bool, typer.Option(
     "--export/--no-export", rich_help_panel=OUTPUT_PANEL,
     help="Also export the converted model with torch.export and compare the exported graph with eager.",
 )]
-CONVERSION_OPTIONS = ("layers", "variant", "kernel_size", "act", "attention", "se_hidden", "se_reduction",
-                      "eca_kernel", "model_kwargs", "pretrained")
 
 
 def verify(
@@ -122,12 +121,7 @@ def verify(
     sizes = sizes_value(size)
     spec = InputSpec(input_size, example_inputs)
     if is_saved_path(target):
-        given = [n for n in CONVERSION_OPTIONS
-                 if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
-        if given:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given)
-            raise typer.BadParameter(f"{flags}: conversion options apply to a MODEL source, not to a saved file "
-                                     f"(its recipe holds them)", param_hint="MODEL_OR_SAVED_FILE")
+        refuse_conversion_options(ctx)
         if not Path(target).exists():
             hint = f" (a Hugging Face model is given as hf:{target})" if "/" in target and not Path(target).suffix else ""
             raise SavedModelError(f"{target} does not exist{hint}")

@@ -277,6 +277,16 @@ def test_pretrained_errors(run, tmp_path, offline_hf_cache, hf_dir, saved_timm) 
            "not to a saved file")
 
 
+def test_saved_file_refuses_conversion_options(run, tmp_path, saved_timm) -> None:
+    """A saved file's recipe holds its conversion: export and verify refuse conversion options with it (before,
+    export silently ignored them) and write nothing."""
+    for cmd in ("export", "verify"):
+        out = ["-o", tmp_path / "m.onnx"] if cmd == "export" else []
+        _error(run(cmd, saved_timm, "--layers", "1", "--kernel-size", "5", *out), 2, "--layers, --kernel-size",
+               "not to a saved file")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_convert_factory_round_trip(run, tmp_path, user_module) -> None:
     import importlib
 
