@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import localify
-from localify.layers import LocalityLinear, pointwise_backend
+from localify.layers import LocalityLinear, LocalityMLP, pointwise_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import CLOCKS, per_call, stable_allocator  # noqa: E402
@@ -52,6 +52,10 @@ class ConvCallOnly(LocalityLinear):
 
 def conv_call_floor(converted: torch.nn.Module) -> torch.nn.Module:
     floor = copy.deepcopy(converted)
+    for name, m in list(floor.named_modules()):
+        if isinstance(m, LocalityMLP):  # the MLP module runs once on all tokens, as in the original
+            parent, _, child = name.rpartition(".")
+            setattr(floor.get_submodule(parent), child, m.get_base_layer())
     for m in floor.modules():
         if type(m) is LocalityLinear and m.layout == "BNC":
             m.__class__ = ConvCallOnly

@@ -9,9 +9,9 @@ Models (random init, 224x224, all blocks converted):
   original conv-pw  the same, its MLP projections run with the point-wise primitive the converted blocks use
                     (localify.layers.pointwise_backend(): a 1x1 conv of a channels-last view where that is
                     faster, e.g. oneDNN instead of MKL on AMD CPUs): what the original would gain from it
-  dwconv            localify's default variant (function-preserving): fc1 wrapped in LocalityLinear
-  dwconv mlp        the same, each MLP module run by localify.layers.LocalityMLP (grid and extra tokens through
-                    the whole MLP separately; wired here by wrap_mlps() until localify() does it)
+  dwconv            localify's default variant (function-preserving): fc1 wrapped in LocalityLinear, and each
+                    MLP module (timm Mlp) run as a localify.layers.LocalityMLP (grid and extra tokens through
+                    the whole MLP separately, joined on the narrow side), as localify() converts it
   localvit fused    the LocalViT block (h-swish, no channel attention) after localify.fuse()
 
 Runtimes, each timed in a fresh process (--processes N: N of them, the median of their ratios is shown) in
@@ -27,7 +27,8 @@ shows medians over rounds and the ratio to the original in the same runtime):
 "floor" (eager, dwconv only): the original plus only the depth-wise conv call of every converted block (see
 bench_overhead.py --floor), a lower bound for a conversion with PyTorch's CPU convolution that keeps the model's
 point-wise primitive. The training step (eager, forward + backward, batch 16, no optimizer step) is timed last,
-for the original, the dwconv rows and the unfused localvit block (BatchNorms in training mode).
+for the original, the original conv-pw and dwconv rows and the unfused localvit block (BatchNorms in training
+mode).
 """
 
 from __future__ import annotations
@@ -59,17 +60,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import CLOCKS, stable_allocator  # noqa: E402
 from bench_overhead import conv_call_floor  # noqa: E402
 
-from localify.layers import (  # noqa: E402
-    LocalityLinear,
-    LocalityMLP,
-    linear_rows,
-    pointwise_backend,
-    use_conv_pointwise,
-)
+from localify.layers import linear_rows, pointwise_backend, use_conv_pointwise  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "ort")
-MODELS = ("original", "original conv-pw", "dwconv", "dwconv mlp", "localvit fused")
-QUICK_MODELS = ("original", "dwconv", "dwconv mlp", "localvit fused")
+MODELS = ("original", "original conv-pw", "dwconv", "localvit fused")
+QUICK_MODELS = ("original", "dwconv", "localvit fused")
 
 
 def cpu_model() -> str:
@@ -112,21 +107,6 @@ def same_primitive(model: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
-def wrap_mlps(model: torch.nn.Module) -> torch.nn.Module:
-    """Put a LocalityMLP at every MLP module whose fc1 localify converted (this benchmark's own wiring of the
-    proposed block, for timm models: the MLP module is the parent of ``fc1``, its second projection ``fc2``)."""
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, LocalityLinear) and name.endswith(".fc1") and mod.layout == "BNC":
-            path = name.rsplit(".", 1)[0]
-            mlp = model.get_submodule(path)
-            if not hasattr(mlp, "fc2"):
-                continue
-            parent, child = path.rsplit(".", 1) if "." in path else ("", path)
-            setattr(model.get_submodule(parent), child,
-                    LocalityMLP(mlp, mod.grid_source, mod.prefix, mod.suffix, mod.layout))
-    return model
-
-
 def convert(base: torch.nn.Module, name: str) -> torch.nn.Module:
     m = copy.deepcopy(base)
     with warnings.catch_warnings():
@@ -138,8 +118,7 @@ def convert(base: torch.nn.Module, name: str) -> torch.nn.Module:
         if name.startswith("localvit"):
             localify.localify(m, variant="localvit", act="hswish")
             return localify.fuse(m.eval()) if name.endswith("fused") else m
-        localify.localify(m, variant="dwconv")
-        return wrap_mlps(m) if name == "dwconv mlp" else m
+        return localify.localify(m, variant="dwconv")
 
 
 def build(model_name: str, names: list[str], floor: bool, train: bool = False) -> dict[str, torch.nn.Module]:
@@ -183,7 +162,7 @@ def onnx_cache_key(model_name: str, name: str, dynamic: str) -> str:
         if f.endswith(".py"):
             with open(os.path.join(pkg, f), "rb") as fh:
                 h.update(f.encode() + fh.read())
-    for fn in (convert, wrap_mlps, same_primitive, ConvPointwiseLinear):
+    for fn in (convert, same_primitive, ConvPointwiseLinear):
         h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:20]
 
@@ -304,7 +283,7 @@ def measure(args: argparse.Namespace, what: str) -> dict[str, dict[str, float]]:
     clock = CLOCKS[args.timer]
     names = args.names
     if what == "train":
-        tnames = ["original"] + [n for n in ("original conv-pw", "dwconv", "dwconv mlp") if n in names] + ["localvit"]
+        tnames = ["original"] + [n for n in ("original conv-pw", "dwconv") if n in names] + ["localvit"]
         return {"16": time_training(build(args.model, tnames, False, train=True), 16, args.train_rounds, clock)}
     models = build(args.model, names, what == "eager" and not args.no_floor)
     with tempfile.TemporaryDirectory(prefix="bench_runtimes.") as tmp:

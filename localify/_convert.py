@@ -71,7 +71,7 @@ def localify(
             f"the same variant and options, or start from the base model")
     plan = (plan or build_plan(model, example_inputs)).select(config.layers)  # a copy: the caller's is kept
     targets = _targets(plan, config)
-    records = [s.record(get_variant(config.variant).site_kind) for s in targets]
+    records = [get_variant(config.variant).record(model, s) for s in targets]  # before any change
     source = None if get_source(model) is not None else infer_timm_source(model)
     state = splice(model, config, records)
     if source is not None:

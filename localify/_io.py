@@ -35,7 +35,6 @@ import re
 import secrets
 import shutil
 import stat
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +145,7 @@ def save(
         "versions": _versions(),
         "base": src.to_dict(),
         "config": state.config.to_dict(),
-        "sites": [asdict(r) for r in state.sites],
+        "sites": [r.to_dict() for r in state.sites],
         "fused": state.fused or any(m.fused for _, m in localify_modules(model)),
         "weights": weights,
         "weights_sha256": tensor_digest(tensors),

@@ -89,6 +89,17 @@ class SiteRecord:
     suffix: int
     layout: str
     grid: dict  # GridSpec.to_dict()
+    # the MLP module at ``path`` maps every token on its own: the converted MLP runs as a LocalityMLP (grid and
+    # extra tokens through the whole MLP apart, joined on the narrow side); decided by the variant at conversion
+    per_token: bool = False
+
+    def to_dict(self) -> dict:
+        """The record as saved in a recipe: ``per_token`` only when true, so a save that does not use it stays
+        readable by localify versions from before the field."""
+        d = asdict(self)
+        if not self.per_token:
+            del d["per_token"]
+        return d
 
 
 @dataclass

@@ -7,7 +7,9 @@ raises one :class:`~localify.errors.SavedModelError` naming the first bad field,
 
 Format history: 1 (localify 0.1): no file manifest. 2: ``weights_sha256`` (a digest of every tensor: name,
 dtype, shape and bytes) in every recipe, and ``files`` (name -> size and SHA-256 of every file written) in a
-directory's ``localify_recipe.json``. Recipes of format 1 still load (without those checks).
+directory's ``localify_recipe.json``. Recipes of format 1 still load (without those checks). A site of either
+format may carry ``per_token`` (true: its MLP module runs as a :class:`~localify.layers.LocalityMLP`); a site
+without it converts its fc1 only, as every save did before the field, and a save writes it only when true.
 """
 
 from __future__ import annotations
@@ -246,6 +248,7 @@ SITE = Obj("an object (one converted MLP)", {
     "suffix": (INT0, True),
     "layout": (choice("BNC", "BHWC"), True),
     "grid": (GRID, True),
+    "per_token": (BOOL, False),  # absent: false (SiteRecord's default), the fc1-only conversion of earlier saves
 })
 
 FILE_ENTRY = Obj("an object {\"size\": INT, \"sha256\": HEX}", {"size": (INT0, True), "sha256": (SHA256, True)})
@@ -368,11 +371,27 @@ def _check_sites(sites: list, variant: str) -> None:
             raise _Bad(f"{at}.grid.key2", 'missing (a grid of kind "ints" reads two values)')
         if grid["kind"] == "static" and grid["static"] is None:
             raise _Bad(f"{at}.grid.static", 'missing (a grid of kind "static" gives its size)')
-        for j, p in enumerate([s["path"]] if kind == "mlp" else s["fc1"]):
-            where = f"{at}.path" if kind == "mlp" else f"{at}.fc1[{j}]"
+        if s.get("per_token"):
+            _check_per_token(s, at)
+        paths = [(f"{at}.path", s["path"])] if kind == "mlp" or s.get("per_token") else []
+        if kind != "mlp":
+            paths += [(f"{at}.fc1[{j}]", p) for j, p in enumerate(s["fc1"])]
+        for where, p in paths:
             if p in seen:
                 raise _Bad(where, f"{json.dumps(p)} is converted twice (also in {seen[p]})")
             seen[p] = where
+
+
+def _check_per_token(s: dict, at: str) -> None:
+    """A per-token site runs its whole MLP module (``path``) on (B, N, C) tokens: it holds fc1 and fc2."""
+    if s["kind"] != "fc1":
+        raise _Bad(f"{at}.per_token", f'true only for a site of kind "fc1", got kind {_show(s["kind"])}')
+    if s["layout"] != "BNC":
+        raise _Bad(f"{at}.per_token", f'true only for layout "BNC", got {_show(s["layout"])}')
+    inside = s["path"] + "."
+    if not s["path"] or not all(p.startswith(inside) for p in [*s["fc1"], s["fc2"]]):
+        raise _Bad(f"{at}.per_token", f"true only for a non-empty MLP path holding fc1 and fc2, got path "
+                                      f"{_show(s['path'])} with fc1 {_show(s['fc1'])} and fc2 {_show(s['fc2'])}")
 
 
 def check_json_values(value: Any, where: str) -> None:

@@ -78,9 +78,12 @@ def splice(model: nn.Module, config: LocalifyConfig, records: list[SiteRecord],
     if prepare is not None:
         prepare()
     # nothing below can fail on valid records
+    kept = [(m, m.training) for m in model.modules()]
     for path, new in built:
-        new.train(model.get_submodule(path).training)  # keep the mode of what it replaces
+        new.train(model.get_submodule(path).training)  # the mode of what it replaces
         set_submodule(model, path, new)
+    for m, mode in kept:  # modules of the model that a new one holds (its base layer, shared children) keep theirs
+        m.training = mode
     for spec, src in pending.items():
         src.attach(model)
         state.sources[spec] = src

@@ -8,7 +8,9 @@ A :class:`Variant` says
 * which :class:`~localify.LocalifyConfig` ``options`` it takes besides ``layers`` and ``kernel_size``, and how
   they are validated (:meth:`Variant.validate`);
 * which sites it accepts (:meth:`Variant.refuse` returns the reason when not);
-* how it builds its modules for one site (:meth:`Variant.build`), and the ``site_kind`` recorded for replay.
+* what it records of a site for replay (:meth:`Variant.record`: the ``site_kind`` and any decision taken by
+  looking at the model, such as ``per_token``) and how it builds its modules from that record
+  (:meth:`Variant.build`; on ``load`` the record is all it gets, the model is not traced again).
 
 The modules it builds derive from :class:`~localify.layers.LocalifyModule` and own their deployment
 (``fuse()``), their locality parameters and their base layer, so nothing else in localify switches on a
@@ -29,10 +31,10 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ._grid import GridSource
-from ._plan import MLPSite, SiteRecord
+from ._plan import Layout, MLPSite, SiteRecord
 from .errors import ConfigError
 from .ffn import ACTIVATIONS, ATTENTIONS, LocalViTFFN
-from .layers import LocalityLinear
+from .layers import LocalityLinear, LocalityMLP, per_token_module, pointwise_replacement
 
 __all__ = ["LocalifyConfig", "Variant", "register_variant", "get_variant", "variant_names", "is_int"]
 
@@ -57,9 +59,15 @@ class Variant:
         """Why this variant cannot convert ``site`` (a convertible one), or None."""
         return None
 
+    def record(self, model: nn.Module, site: MLPSite) -> SiteRecord:
+        """The record of converting ``site`` of ``model`` (not yet converted; read, never changed): what
+        :meth:`build` gets, now and when a saved model is loaded."""
+        return site.record(self.site_kind)
+
     def build(self, model: nn.Module, record: SiteRecord, config: LocalifyConfig,
               grid: GridSource) -> list[tuple[str, nn.Module]]:
-        """The new modules for one site, keyed by the module path each replaces (the model is not changed)."""
+        """The new modules for one site, keyed by the module path each replaces, swapped in in this order (the
+        model is not changed here)."""
         raise NotImplementedError
 
 
@@ -85,17 +93,53 @@ def variant_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def per_token_site(model: nn.Module, site: MLPSite) -> bool:
+    """Whether the MLP of ``site`` can run as a :class:`~localify.layers.LocalityMLP`: its tokens are (B, N, C),
+    one module (``site.path``) computes exactly this MLP and holds its fc1(s) and fc2, and that module maps
+    every token on its own (:func:`~localify.layers.per_token_module`, run on the unconverted module)."""
+    inside = site.path + "."
+    if not (site.self_contained and site.path and site.tokens is not None and site.tokens.layout == Layout.BNC
+            and site.fc2.startswith(inside) and all(p.startswith(inside) for p in site.fc1)):
+        return False
+    try:
+        mlp = model.get_submodule(site.path)
+    except AttributeError:
+        return False
+    return per_token_module(mlp, site.in_features)
+
+
 class DWConv(Variant):
-    """``fc1 -> dw(k x k) -> act -> fc2``; the kernel starts as identity (Dirac): exact at conversion."""
+    """``fc1 -> dw(k x k) -> act -> fc2``; the kernel starts as identity (Dirac): exact at conversion.
+
+    Each fc1 becomes a :class:`~localify.layers.LocalityLinear`. Where the MLP is one per-token module
+    (:func:`per_token_site`, recorded as ``per_token``), that module also runs as a
+    :class:`~localify.layers.LocalityMLP` (grid and extra tokens through the whole MLP apart, joined on the
+    narrow side: the wide hidden tensor is never concatenated) and its fc2, a plain ``nn.Linear``, as a
+    :class:`~localify.layers.PointwiseLinear` with the same parameters. Parameters and state-dict keys are the
+    same either way."""
 
     name = "dwconv"
     preserves_function = True
     residual = False
 
+    def record(self, model, site):
+        rec = site.record(self.site_kind)
+        rec.per_token = per_token_site(model, site)
+        return rec
+
     def build(self, model, record, config, grid):
-        return [(path, LocalityLinear(model.get_submodule(path), grid, record.prefix, record.suffix,
-                                      config.kernel_size, residual=self.residual, layout=record.layout))
-                for path in record.fc1]
+        out: list[tuple[str, nn.Module]] = [
+            (path, LocalityLinear(model.get_submodule(path), grid, record.prefix, record.suffix, config.kernel_size,
+                                  residual=self.residual, layout=record.layout))
+            for path in record.fc1]
+        if record.per_token:
+            fc2 = pointwise_replacement(model.get_submodule(record.fc2))
+            if fc2 is not None:
+                out.append((record.fc2, fc2))
+            # swapped in last: it shares the MLP module's children, by then the new fc1(s) and fc2
+            out.append((record.path, LocalityMLP(model.get_submodule(record.path), grid, record.prefix,
+                                                 record.suffix, record.layout, fc2=None)))
+        return out
 
 
 class Residual(DWConv):

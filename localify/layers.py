@@ -59,6 +59,7 @@ __all__ = [
     "linear_rows",
     "use_conv_pointwise",
     "per_token_module",
+    "pointwise_replacement",
 ]
 
 POINTWISE_ENV = "LOCALIFY_POINTWISE"
@@ -238,6 +239,23 @@ class PointwiseLinear(nn.Linear):
         if x.dim() == 4 and _hook_free(self) and use_conv_pointwise(x):
             return linear_channels_last(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def pointwise_replacement(module: nn.Module) -> PointwiseLinear | None:
+    """A :class:`PointwiseLinear` to swap in for ``module``, or None when ``module`` is not a plain
+    ``nn.Linear`` without hooks (it is then kept as it is).
+
+    The replacement holds the same ``Parameter`` objects and attributes (training mode included) in containers
+    of its own, so swapping it in keeps the parameters, state-dict keys and any optimizer state; ``module``
+    itself is not changed (a failure before the swap leaves the model as it was)."""
+    if type(module) is not nn.Linear or any(v for k, v in vars(module).items() if "hooks" in k):
+        return None
+    new = copy.copy(module)  # shares the containers (parameter dict, hook dicts...): give it its own
+    for k, v in list(vars(new).items()):
+        if isinstance(v, (dict, set)):
+            object.__setattr__(new, k, copy.copy(v))
+    new.__class__ = PointwiseLinear
+    return new
 
 
 # --- LocalityLinear --------------------------------------------------------------------------------------
@@ -440,7 +458,9 @@ class LocalityMLP(nn.Module):
     MLP, and attributes it lacks are read from the MLP. :meth:`get_base_layer` returns the MLP module.
     Its second projection ``fc2``, when it is a plain ``nn.Linear``, becomes a :class:`PointwiseLinear` (same
     parameters and results; it projects the hidden map as a 1x1 convolution where that is faster, and in an
-    exported graph, so the hidden grid keeps one layout from fc1 to fc2).
+    exported graph, so the hidden grid keeps one layout from fc1 to fc2): in place, by this constructor, when
+    ``fc2`` names it. ``localify()`` builds its blocks with ``fc2=None``, which changes nothing in ``mlp``, and
+    swaps the :func:`pointwise_replacement` of fc2 in together with the block.
 
     Args:
         mlp: the MLP module, its fc1(s) already replaced by :class:`LocalityLinear`.
@@ -535,28 +555,29 @@ def per_token_module(mlp: nn.Module, in_features: int) -> bool:
     """Whether ``mlp`` maps every token on its own and accepts any leading dimensions, as
     :class:`LocalityMLP` needs: its output on 6 random rows equals its output on the same rows shaped
     (2, 3, C) and (1, 2, 3, C). Run in eval mode without autograd on the module's device and dtype; the
-    module is left as it was (mode included). Call it on the MLP before its fc1 is replaced."""
-    p = next(iter(mlp.parameters()), None)
-    kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
-    x = torch.randn(6, in_features, generator=torch.Generator().manual_seed(0)).to(**kw)
+    module is left as it was (mode included). Call it on the MLP before its fc1 is replaced. A module that
+    raises on these inputs, or whose outputs cannot be compared (not tensors, another device), is not one."""
     modes = [(m, m.training) for m in mlp.modules()]
     try:
+        p = next(iter(mlp.parameters()), None)
+        kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+        x = torch.randn(6, in_features, generator=torch.Generator().manual_seed(0)).to(**kw)
         mlp.eval()
         with torch.no_grad():
             y2 = mlp(x)
             y3 = mlp(x.view(2, 3, -1))
             y4 = mlp(x.view(1, 2, 3, -1))
+        if not all(isinstance(y, torch.Tensor) for y in (y2, y3, y4)) or y2.dim() != 2 \
+                or y3.shape != (2, 3, *y2.shape[1:]) or y4.shape != (1, 2, 3, *y2.shape[1:]):
+            return False
+        tol = 1e-5 * float(y2.abs().max()) + 1e-6
+        return (bool((y3.reshape(y2.shape) - y2).abs().max() <= tol)
+                and bool((y4.reshape(y2.shape) - y2).abs().max() <= tol))
     except Exception:
         return False
     finally:
         for m, mode in modes:
             m.training = mode
-    if not all(isinstance(y, torch.Tensor) for y in (y2, y3, y4)) or y2.dim() != 2:
-        return False
-    tol = 1e-5 * float(y2.abs().max()) + 1e-6
-    return (y3.shape[:2] == (2, 3) and y4.shape[:3] == (1, 2, 3)
-            and bool((y3.reshape(y2.shape) - y2).abs().max() <= tol)
-            and bool((y4.reshape(y2.shape) - y2).abs().max() <= tol))
 
 
 def tokens_around_grid(t: torch.Tensor, h: torch.Tensor, width: Any, prefix: int, suffix: int) -> torch.Tensor:

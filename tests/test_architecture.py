@@ -14,6 +14,7 @@ from torch import nn
 import localify
 from localify import _variants
 from localify.errors import ConfigError
+from localify.layers import LocalityMLP, PointwiseLinear
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2, num_classes=10, img_size=32, patch_size=8)
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -153,6 +154,7 @@ peft = pytest.importorskip("peft")
 @pytest.mark.parametrize("variant", ["dwconv", "residual"])
 def test_lora_on_a_converted_model_trains_merges_and_saves(variant: str, tmp_path) -> None:
     model = localify.localify(_deit(), variant=variant)
+    assert all(type(b.mlp) is LocalityMLP for b in model.blocks)  # fc2 sits in the LocalityMLP too
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, localify.LocalityLinear):
@@ -170,6 +172,7 @@ def test_lora_on_a_converted_model_trains_merges_and_saves(variant: str, tmp_pat
     want = _out(pm)
     merged = pm.merge_and_unload()
     assert isinstance(merged.blocks[0].mlp.fc1, localify.LocalityLinear)
+    assert type(merged.blocks[0].mlp) is LocalityMLP and type(merged.blocks[0].mlp.fc2) is PointwiseLinear
     torch.testing.assert_close(_out(merged), want, rtol=1e-4, atol=1e-5)
     localify.save(merged, tmp_path / "lora.safetensors")
     torch.testing.assert_close(_out(localify.load(tmp_path / "lora.safetensors")), want, rtol=1e-4, atol=1e-5)

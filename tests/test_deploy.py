@@ -19,6 +19,7 @@ from torch.export import Dim
 import localify
 from localify import ExportError, LocalifyError, TrainableReport
 from localify.ffn import LocalViTFFN
+from localify.layers import LocalityMLP
 
 P = 16  # patch size of the tiny models
 TRACE = (64, 96)  # non-square trace size: (4, 6) patches
@@ -103,6 +104,7 @@ def _symbolic_dims(ep) -> list[bool]:
 @pytest.mark.parametrize("variant", ["dwconv", "residual", "localvit-fused"])
 def test_torch_export_dynamic_batch_and_grid_timm(variant):
     model = timm_vit(variant)
+    assert isinstance(model.blocks[0].mlp, LocalityMLP) == (variant != "localvit-fused")  # dwconv, residual
     x = _img(2, *TRACE)
     b, gh, gw = Dim("batch", min=1), Dim("grid_h", min=2, max=64), Dim("grid_w", min=2, max=64)
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: b, 2: P * gh, 3: P * gw},), strict=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import io
 import pickle
 
@@ -20,6 +21,7 @@ from torch import nn
 
 import localify
 from localify._grid import GridSource, GridSpec
+from localify._splice import get_state, splice
 from localify.ffn import LocalViTFFN
 from localify.layers import (
     LocalityLinear,
@@ -54,14 +56,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def wrap_mlps(model: nn.Module) -> nn.Module:
-    """What the lead's splice would do for timm models: a LocalityMLP at each MLP whose fc1 was converted."""
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, LocalityLinear) and name.endswith(".fc1"):
-            path = name.rsplit(".", 1)[0]
-            parent, child = path.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child,
-                    LocalityMLP(model.get_submodule(path), mod.grid_source, mod.prefix, mod.suffix, mod.layout))
+def localify_fc1_only(model: nn.Module, variant: str) -> nn.Module:
+    """The conversion as a save without ``per_token`` replays it: fc1 wrapped, the MLP modules kept."""
+    probe = localify.localify(copy.deepcopy(model), variant=variant)
+    state = get_state(probe)
+    splice(model, state.config, [dataclasses.replace(r, per_token=False) for r in state.sites])
     return model
 
 
@@ -83,10 +82,11 @@ def tiny_vit(variant: str, reg_tokens: int = 0, depth: int = 2) -> nn.Module:
     torch.manual_seed(0)
     model = localify.create_model("vit_small_patch16_224", embed_dim=DIM, depth=depth, num_heads=2, patch_size=P,
                                   img_size=32, dynamic_img_size=True, num_classes=5, reg_tokens=reg_tokens).eval()
-    localify.localify(model, variant=variant.split("-")[0])
+    if variant.endswith("-fc1"):  # the MLP modules kept, as before localify ran them as LocalityMLPs
+        localify_fc1_only(model, variant.split("-")[0])
+    else:
+        localify.localify(model, variant=variant.split("-")[0])
     randomise(model)
-    if variant.endswith("-mlp"):
-        wrap_mlps(model)
     if variant == "localvit-fused":
         localify.fuse(model)
     return model
@@ -110,11 +110,11 @@ def wide_nodes(path) -> collections.Counter:
     return count
 
 
-# variant -> the most wide Transpose / Concat nodes per converted block in the exported graph. dwconv: the way
-# back from the conv to tokens and the join with the class token (LocalityLinear returns every token).
-# dwconv-mlp: the MLP's own activation runs on a (B, H, W, hidden) map between two 1x1 convolutions (two
-# transposes, which onnxruntime's transpose optimizer cancels); nothing concatenated. localvit: nothing.
-WIDE = {"dwconv": (1, 1), "dwconv-mlp": (2, 0), "localvit-fused": (0, 0)}
+# variant -> the most wide Transpose / Concat nodes per converted block in the exported graph. dwconv-fc1: the
+# way back from the conv to tokens and the join with the class token (LocalityLinear returns every token).
+# dwconv (a LocalityMLP): the MLP's own activation runs on a (B, H, W, hidden) map between two 1x1 convolutions
+# (two transposes, which onnxruntime's transpose optimizer cancels); nothing concatenated. localvit: nothing.
+WIDE = {"dwconv-fc1": (1, 1), "dwconv": (2, 0), "localvit-fused": (0, 0)}
 
 
 @pytest.mark.parametrize("variant", list(WIDE))
@@ -288,7 +288,8 @@ def test_locality_mlp_copies_and_pickles_consistently():
 
 
 def test_locality_mlp_in_a_model_loads_the_state_dict_of_the_unwrapped_conversion():
-    wrapped, plain = tiny_vit("dwconv-mlp"), tiny_vit("dwconv")
+    wrapped, plain = tiny_vit("dwconv"), tiny_vit("dwconv-fc1")
+    assert type(wrapped.blocks[0].mlp) is LocalityMLP and type(plain.blocks[0].mlp) is Mlp
     assert list(wrapped.state_dict()) == list(plain.state_dict())
     wrapped.load_state_dict(plain.state_dict())
     x = img(2, 32, 40)
@@ -299,7 +300,7 @@ def test_locality_mlp_in_a_model_loads_the_state_dict_of_the_unwrapped_conversio
 def test_fuse_replaces_the_residual_fc1_inside_locality_mlp():
     """localify.fuse swaps each residual LocalityLinear on its parent, here the LocalityMLP: the MLP it runs
     gets the fused one too (shared children), and the output is unchanged."""
-    model = tiny_vit("residual-mlp")
+    model = tiny_vit("residual")
     x = img(2, 32, 40)
     with torch.no_grad():
         want = model(x)
@@ -311,7 +312,7 @@ def test_fuse_replaces_the_residual_fc1_inside_locality_mlp():
 
 def test_converted_model_with_locality_mlp_is_still_recognised_as_converted():
     """localify's own trace sees fc1 / fc2 as linear layers (its module hooks keep the module calls)."""
-    plan = localify.find_mlps(tiny_vit("dwconv-mlp"))
+    plan = localify.find_mlps(tiny_vit("dwconv"))
     assert [s.path for s in plan.sites] == ["blocks.0.mlp", "blocks.1.mlp"]
     assert all(s.status == "localified" for s in plan.sites)
 
@@ -319,14 +320,15 @@ def test_converted_model_with_locality_mlp_is_still_recognised_as_converted():
 def test_locality_mlp_compiles_without_graph_breaks():
     import torch._dynamo
 
-    model = tiny_vit("dwconv-mlp")
+    model = tiny_vit("dwconv")
+    assert type(model.blocks[0].mlp) is LocalityMLP
     torch._dynamo.reset()
     with torch.no_grad():
         ex = torch._dynamo.explain(model)(img(2, 32, 48))
     assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(r.reason) for r in ex.break_reasons]
 
 
-@pytest.mark.parametrize("variant", ["dwconv", "dwconv-mlp", "localvit-fused"])
+@pytest.mark.parametrize("variant", ["dwconv-fc1", "dwconv", "localvit-fused"])
 def test_compile_one_sample_matches_eager(variant):
     """torch.compile takes the one-sample paths (row-padded conv): no graph break, same result."""
     import torch._dynamo
@@ -443,7 +445,7 @@ def test_first_compiled_call_has_no_graph_break():
     assert out.stdout.strip().splitlines()[-1] == "0", out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("variant", ["dwconv", "dwconv-mlp", "localvit-fused"])
+@pytest.mark.parametrize("variant", ["dwconv-fc1", "dwconv", "localvit-fused"])
 def test_backends_agree_on_a_converted_model(variant):
     model = tiny_vit(variant, reg_tokens=1)
     outs = []

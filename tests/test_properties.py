@@ -8,7 +8,10 @@ For each drawn model:
 (c) every ``LocalityLinear``, with random depth-wise kernels, computes what a plain reference written here
     computes: fc1 on all tokens, the prefix / raster grid / suffix split taken from the model's definition
     (not from localify), a zero-padded depth-wise ``F.conv2d`` on the (B, C, H, W) grid only, concatenated
-    back; the module is called through the model (a forward hook captures its input and output);
+    back; the module is called through the model (a forward hook captures its input and output). Where localify
+    runs the MLP module as a ``LocalityMLP``, its fc1 sees the grid alone as a (B, H, W, C) map (conv) and the
+    extra tokens as rows (no conv); the model then computes what its fc1-only conversion (the MLP modules kept,
+    same weights) computes, and every fc1 of that one is checked on all tokens as above;
 (d) ``variant="localvit"`` then ``localify.fuse`` computes what the unfused model computes in eval mode,
     with random BatchNorm statistics and affine parameters.
 
@@ -18,6 +21,7 @@ Examples are derandomised (the same ones on every run) and few per test: each mo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +38,7 @@ from torch import nn
 from user_models import Block, PatchEmbed
 
 import localify
+from localify._splice import get_state, splice
 from localify.layers import LocalityLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,7 +204,13 @@ def _image(size: tuple[int, int], batch: int, seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ references
 def locality_reference(x: torch.Tensor, m: LocalityLinear, grid: tuple[int, int], prefix: int,
                        suffix: int) -> torch.Tensor:
-    """fc1 on all tokens; the depth-wise conv (zero padding) on the raster grid only; concatenated back."""
+    """fc1 on all tokens; the depth-wise conv (zero padding) on the raster grid only; concatenated back. A
+    (B, H, W, C) input is the grid alone and (R, C) rows are extra tokens (no conv), as a LocalityMLP runs fc1."""
+    if x.dim() == 4:
+        assert tuple(x.shape[1:3]) == tuple(grid), (x.shape, grid)
+        return locality_reference(x.flatten(1, 2), m, grid, 0, 0).unflatten(1, grid)
+    if x.dim() == 2:
+        return F.linear(x, m.linear.weight, m.linear.bias)
     h = F.linear(x, m.linear.weight, m.linear.bias)
     b, n, c = h.shape
     gh, gw = grid
@@ -234,6 +245,8 @@ def _check_locality_linears(d: Drawn, x: torch.Tensor) -> int:
             h.remove()
     assert {id(m) for m, _, _ in seen} == {id(m) for m in mods}
     for m, inp, out in seen:
+        if inp.dim() == 2:  # a LocalityMLP's extra tokens: prefix and suffix of every sample
+            assert inp.shape[0] == x.shape[0] * (d.prefix + d.suffix), (inp.shape, d.note)
         ref = locality_reference(inp, m, d.grid(x), d.prefix, d.suffix)
         assert out.shape == ref.shape, (out.shape, ref.shape, d.note)
         assert torch.allclose(out, ref, **TOL), (float((out - ref).abs().max()), d.note)
@@ -267,6 +280,18 @@ def _convert_and_check(d: Drawn, tmp_path_factory, variant: str, kernel: int, la
     _randomise_kernels(d.model, seed)
     for x in xs:  # (c)
         _check_locality_linears(d, x)
+    state = get_state(d.model)
+    event(f"MLP modules run as LocalityMLP: {any(r.per_token for r in state.sites)}")
+    if any(r.per_token for r in state.sites):  # (c) the LocalityMLPs against the fc1-only conversion
+        twin = copy.copy(d)
+        twin.model = copy.deepcopy(reference.model)
+        splice(twin.model, state.config, [dataclasses.replace(r, per_token=False) for r in state.sites])
+        twin.model.load_state_dict(d.model.state_dict())
+        for x in xs:
+            assert _check_locality_linears(twin, x) > 0
+            with torch.no_grad():
+                out, ref = d.call(x), twin.call(x)
+            assert torch.allclose(out, ref, **TOL), (float((out - ref).abs().max()), d.note)
     path = tmp_path_factory.mktemp("save") / ("model" if d.hf else "model.safetensors")  # (b)
     localify.save(d.model, path)  # the source: what localify.create_model / the HF config recorded
     loaded = copy.copy(d)

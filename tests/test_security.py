@@ -235,6 +235,11 @@ def _site_copy(r):
     r["sites"].append(dict(r["sites"][0]))
 
 
+def _fc1_site_copy(r):
+    r["sites"][0].pop("per_token")  # as saved before the field: fc1 only
+    _site_copy(r)
+
+
 MALFORMED = [  # (id, edit, the field the error names and what it says)
     ("list", lambda r: [r], r"not a localify recipe \(a JSON list\)"),
     ("no-config", lambda r: r.pop("config") and None, r"recipe field 'config': missing"),
@@ -254,7 +259,19 @@ MALFORMED = [  # (id, edit, the field the error names and what it says)
     ("block-0", lambda r: r["sites"][0].update(block=0), r"'sites\[0\]\.block': expected an int >= 1, got 0"),
     ("prefix-neg", lambda r: r["sites"][0].update(prefix=-1), r"'sites\[0\]\.prefix': expected an int >= 0"),
     ("fc1-empty", lambda r: r["sites"][0].update(fc1=[]), r"'sites\[0\]\.fc1': expected a non-empty list"),
-    ("twice", _site_copy, r"'sites\[1\]\.fc1\[0\]': \"blocks\.0\.mlp\.fc1\" is converted twice"),
+    ("twice", _site_copy, r"'sites\[1\]\.path': \"blocks\.0\.mlp\" is converted twice"),
+    ("twice-fc1", _fc1_site_copy, r"'sites\[1\]\.fc1\[0\]': \"blocks\.0\.mlp\.fc1\" is converted twice"),
+    ("per-token-str", lambda r: r["sites"][0].update(per_token="yes"),
+     r"'sites\[0\]\.per_token': expected true or false, got \"yes\""),
+    ("per-token-root", lambda r: r["sites"][0].update(path=""),
+     r"'sites\[0\]\.per_token': true only for a non-empty MLP path holding fc1 and fc2, got path \"\""),
+    ("per-token-outside", lambda r: r["sites"][0].update(fc2="blocks.0.attn.proj"),
+     r"'sites\[0\]\.per_token': true only for a non-empty MLP path .* fc2 \"blocks\.0\.attn\.proj\""),
+    ("per-token-mlp-kind", lambda r: (r["config"].update(variant="localvit"), r["sites"][0].update(kind="mlp"))
+     and None, r"'sites\[0\]\.per_token': true only for a site of kind \"fc1\", got kind \"mlp\""),
+    ("per-token-bhwc", lambda r: r["sites"][0].update(layout="BHWC", prefix=0, grid={**r["sites"][0]["grid"],
+                                                                                     "kind": "bhwc"}),
+     r"'sites\[0\]\.per_token': true only for layout \"BNC\", got \"BHWC\""),
     ("grid-phase", lambda r: r["sites"][0]["grid"].update(phase="middle"), r"'sites\[0\]\.grid\.phase'"),
     ("grid-static", lambda r: r["sites"][0]["grid"].update(kind="static"), r"'sites\[0\]\.grid\.static': missing"),
     ("grid-key", lambda r: r["sites"][0]["grid"].update(key=[["attr", "__class__"]]),

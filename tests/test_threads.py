@@ -10,6 +10,7 @@ grid read from another call go unnoticed by shapes and show only in the values.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import threading
 
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 import localify
-from localify._splice import get_state
+from localify._splice import get_state, splice
+from localify.layers import LocalityMLP
 
 THREADS = 4
 CALLS = 50
@@ -41,9 +43,18 @@ def _randomise(model: nn.Module, seed: int = 1) -> nn.Module:
 
 
 def tiny_vit(variant: str = "dwconv") -> nn.Module:
+    """``dwconv`` runs each MLP module as a LocalityMLP; ``dwconv-fc1`` converts fc1 only (as a save without
+    ``per_token`` replays it, and as localify converts MLPs that are not one per-token module)."""
     torch.manual_seed(0)
     model = localify.create_model("vit_tiny_patch16_224", **TINY)
-    localify.localify(model, kernel_size=3, variant=variant)
+    name = variant.removesuffix("-fc1")
+    if variant.endswith("-fc1"):
+        probe = localify.localify(copy.deepcopy(model), kernel_size=3, variant=name)
+        state = get_state(probe)
+        splice(model, state.config, [dataclasses.replace(r, per_token=False) for r in state.sites])
+    else:
+        localify.localify(model, kernel_size=3, variant=name)
+    assert (type(model.blocks[0].mlp) is LocalityMLP) == (variant == "dwconv")
     return _randomise(model).eval()
 
 
@@ -97,7 +108,7 @@ def _references(model, inputs):
         return [_out(model(x)).clone() for x in inputs]
 
 
-@pytest.mark.parametrize("variant", ["dwconv", "localvit"])
+@pytest.mark.parametrize("variant", ["dwconv", "dwconv-fc1", "localvit"])
 def test_threads_share_one_model(variant):
     model = tiny_vit(variant)
     inputs = _inputs(SIZES)
