@@ -24,9 +24,9 @@ shows medians over rounds and the ratio to the original in the same runtime):
             files are cached (--cache) under a key of the model, the conversion, localify's source and the
             library versions, so a rerun of unchanged code skips the exporter (20-40 s per model here)
 
-"floor" (eager, dwconv only): the original plus only the depth-wise conv call of every converted block (see
+"floor" (eager and compile): the original plus only the depth-wise conv call of every converted block (see
 bench_overhead.py --floor), a lower bound for a conversion with PyTorch's CPU convolution that keeps the model's
-point-wise primitive. The training step (eager, forward + backward, batch 16, no optimizer step) is timed last,
+point-wise primitive (under torch.compile it is the same forward, compiled: the conv is an extern oneDNN call). The training step (eager, forward + backward, batch 16, no optimizer step) is timed last,
 for the original, the original conv-pw and dwconv rows and the unfused localvit block (BatchNorms in training
 mode).
 """
@@ -63,6 +63,7 @@ from bench_overhead import conv_call_floor  # noqa: E402
 from localify.layers import linear_rows, pointwise_backend, use_conv_pointwise  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "ort")
+FLOOR_RUNTIMES = {"eager", "compile"}
 MODELS = ("original", "original conv-pw", "dwconv", "localvit fused")
 QUICK_MODELS = ("original", "dwconv", "localvit fused")
 
@@ -254,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "meaningful with --threads 1")
     ap.add_argument("--train-rounds", type=int, default=None, help="default: max(3, rounds // 2)")
     ap.add_argument("--no-train", action="store_true", help="skip the training step")
-    ap.add_argument("--no-floor", action="store_true", help="skip the eager conv-call floor")
+    ap.add_argument("--no-floor", action="store_true", help="skip the conv-call floor (eager, compile)")
     ap.add_argument("--onnx-dynamic", choices=["batch", "full"], default="batch",
                     help="export with a dynamic batch (default) or dynamic batch and H/W")
     ap.add_argument("--cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
@@ -285,7 +286,7 @@ def measure(args: argparse.Namespace, what: str) -> dict[str, dict[str, float]]:
     if what == "train":
         tnames = ["original"] + [n for n in ("original conv-pw", "dwconv") if n in names] + ["localvit"]
         return {"16": time_training(build(args.model, tnames, False, train=True), 16, args.train_rounds, clock)}
-    models = build(args.model, names, what == "eager" and not args.no_floor)
+    models = build(args.model, names, what in FLOOR_RUNTIMES and not args.no_floor)
     with tempfile.TemporaryDirectory(prefix="bench_runtimes.") as tmp:
         if what == "eager":
             makers = {n: eager_runner(m) for n, m in models.items()}
@@ -295,7 +296,7 @@ def measure(args: argparse.Namespace, what: str) -> dict[str, dict[str, float]]:
                                                        4 * len(names) * len(args.batches))
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 8 * len(names) * len(args.batches))
-            makers = {n: compile_runner(models[n]) for n in names}
+            makers = {n: compile_runner(m) for n, m in models.items()}
         else:
             makers = {}
             for n in names:
@@ -345,7 +346,7 @@ def main() -> None:
     print(f"{args.model}, random init, 224x224, {args.threads} threads, {args.timer} time; CPU: {cpu_model()} "
           f"({os.cpu_count()} logical CPUs); point-wise backend: {pointwise_backend()}")
     print(versions())
-    floor = "eager" in args.runtimes and not args.no_floor
+    floor = bool(FLOOR_RUNTIMES & set(args.runtimes)) and not args.no_floor
     results = {}
     for what in [*args.runtimes, *([] if args.no_train else ["train"])]:
         t0 = time.perf_counter()
