@@ -34,3 +34,13 @@ def per_call(model, x, iters: int, clock=time.perf_counter) -> float:
     for _ in range(iters):
         model(x)
     return (clock() - t) / iters
+
+
+def rotating_rounds(items: dict, rounds: int):
+    """The (name, item) pairs of every round of an interleaved benchmark, each round starting one item further
+    along, so that no model is always timed right after the same one (at batch 1 the position in the round
+    moved a ratio by a few %)."""
+    pairs = list(items.items())
+    for r in range(rounds):
+        k = r % len(pairs)
+        yield pairs[k:] + pairs[:k]

@@ -12,7 +12,8 @@ Rows (all layers converted; medians over rounds; every round times each model ba
   reference localvit          the same design written plainly, as the paper's code does it
                               (benchmarks/reference_localvit.py)
 Inference columns are latency ratios to the original; the training column is one forward + backward at
-batch 16 (SGD step excluded), also as a ratio to the original.
+batch 16 (SGD step excluded, one call per round, as many rounds as for inference), also as a ratio to the
+original. The order of the models rotates from one round to the next.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import localify
 from localify.layers import pointwise_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stable import CLOCKS, per_call, stable_allocator  # noqa: E402
+from _stable import CLOCKS, per_call, rotating_rounds, stable_allocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_localvit import replace_mlps_with_reference  # noqa: E402
@@ -97,8 +98,8 @@ def main() -> None:
         for m in models.values():
             _infer(m, x, 1)
         times = {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name, m in models.items():
+        for order in rotating_rounds(models, args.rounds):
+            for name, m in order:
                 times[name].append(_infer(m, x, iters, CLOCKS[args.timer]))
         for name in models:
             results[name][col] = statistics.median(times[name])
@@ -110,8 +111,8 @@ def main() -> None:
         for m in train_models.values():
             _train_step(m, x, 1)
         times = {name: [] for name in train_models}
-        for _ in range(max(3, args.rounds // 2)):
-            for name, m in train_models.items():
+        for order in rotating_rounds(train_models, max(3, args.rounds)):
+            for name, m in order:
                 times[name].append(_train_step(m, x, 1, CLOCKS[args.timer]))
         for name in train_models:
             results[name][col] = statistics.median(times[name])

@@ -15,8 +15,10 @@ Models (random init, 224x224, all blocks converted):
   localvit fused    the LocalViT block (h-swish, no channel attention) after localify.fuse()
 
 Runtimes, each timed in a fresh process (--processes N: N of them, the median of their ratios is shown) in
-interleaved rounds (every round times every model back to back, so machine noise hits all of them; the table
-shows medians over rounds and the ratio to the original in the same runtime):
+interleaved rounds (every round times every model back to back, so machine noise hits all of them, starting one
+model further along each round; the table shows medians over rounds and the ratio to the original in the same
+runtime). At batch 1 'original conv-pw' runs the original's own code (the primitive applies to more than one
+sample): an A/A control of how far a ratio moves by chance.
   eager     PyTorch, inference mode
   compile   torch.compile (inductor, static shapes: one graph per batch size), inference mode
   ort       ONNX Runtime, CPU execution provider, the file written by localify.export_onnx (dynamic batch by
@@ -57,7 +59,7 @@ import torch
 import localify
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stable import CLOCKS, stable_allocator  # noqa: E402
+from _stable import CLOCKS, rotating_rounds, stable_allocator  # noqa: E402
 from bench_overhead import conv_call_floor  # noqa: E402
 
 from localify.layers import linear_rows, pointwise_backend, use_conv_pointwise  # noqa: E402
@@ -202,7 +204,8 @@ def ort_runner(path: str, threads: int) -> Callable[[torch.Tensor], Callable[[],
 
 def time_runtime(makers: dict[str, Callable], batches: list[int], rounds: int, iters_for: Callable[[int], int],
                  clock: Callable[[], float]) -> dict[int, dict[str, float]]:
-    """Medians (seconds per call) per batch and model; every round times every model back to back."""
+    """Medians (seconds per call) per batch and model; every round times every model back to back (the order
+    rotates from one round to the next)."""
     out = {}
     for b in batches:
         x = torch.randn(b, 3, 224, 224)
@@ -212,8 +215,8 @@ def time_runtime(makers: dict[str, Callable], batches: list[int], rounds: int, i
             fn()
         iters = iters_for(b)
         times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, fn in calls.items():
+        for order in rotating_rounds(calls, rounds):
+            for name, fn in order:
                 times[name].append(_timed(fn, iters, clock))
         out[b] = {name: statistics.median(t) for name, t in times.items()}
     return out
@@ -231,8 +234,8 @@ def time_training(models: dict[str, torch.nn.Module], batch: int, rounds: int, c
         m.train()
         step(m)
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, m in models.items():
+    for order in rotating_rounds(models, rounds):
+        for name, m in order:
             times[name].append(_timed(lambda m=m: step(m), 1, clock))
     return {name: statistics.median(t) for name, t in times.items()}
 
