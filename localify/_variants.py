@@ -138,7 +138,7 @@ class DWConv(Variant):
                 out.append((record.fc2, fc2))
             # swapped in last: it shares the MLP module's children, by then the new fc1(s) and fc2
             out.append((record.path, LocalityMLP(model.get_submodule(record.path), grid, record.prefix,
-                                                 record.suffix, record.layout, fc2=None)))
+                                                 record.suffix, record.layout)))
         return out
 
 

@@ -231,8 +231,9 @@ class PointwiseLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state-dict keys, same results) that projects a (B, H, W, C)
     grid as a 1x1 convolution where that is faster (:func:`use_conv_pointwise`) and always when exported.
 
-    :class:`LocalityMLP` gives its MLP's second projection this class (in place: ``fc2.__class__``), so the
-    grid stays in one layout from fc1 to fc2. Other inputs, and a layer with hooks, take ``F.linear``.
+    ``localify()`` swaps it in (:func:`pointwise_replacement`) for the second projection of an MLP that runs as
+    a :class:`LocalityMLP`, so the grid stays in one layout from fc1 to fc2. Other inputs, and a layer with
+    hooks, take ``F.linear``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -456,22 +457,20 @@ class LocalityMLP(nn.Module):
     dictionaries), so state-dict keys and module names are the MLP's (``fc1.linear.weight``,
     ``fc1.dwconv.weight``, ``fc2.weight``, ...), a child replaced on the wrapper (PEFT) is replaced in the
     MLP, and attributes it lacks are read from the MLP. :meth:`get_base_layer` returns the MLP module.
-    Its second projection ``fc2``, when it is a plain ``nn.Linear``, becomes a :class:`PointwiseLinear` (same
-    parameters and results; it projects the hidden map as a 1x1 convolution where that is faster, and in an
-    exported graph, so the hidden grid keeps one layout from fc1 to fc2): in place, by this constructor, when
-    ``fc2`` names it. ``localify()`` builds its blocks with ``fc2=None``, which changes nothing in ``mlp``, and
-    swaps the :func:`pointwise_replacement` of fc2 in together with the block.
+    The constructor changes nothing in ``mlp``. ``localify()`` also swaps in the :func:`pointwise_replacement`
+    of the MLP's second projection (a :class:`PointwiseLinear`: same parameters and results; it projects the
+    hidden map as a 1x1 convolution where that is faster, and in an exported graph, so the hidden grid keeps
+    one layout from fc1 to fc2).
 
     Args:
         mlp: the MLP module, its fc1(s) already replaced by :class:`LocalityLinear`.
         grid: where the token grid is read at run time (None with layout ``"BHWC"``).
         prefix, suffix: tokens before / after the grid (as in the fc1 :class:`LocalityLinear`).
         layout: ``"BNC"`` (tokens) or ``"BHWC"`` (maps: the MLP simply runs on the map).
-        fc2: the path of the second projection inside ``mlp`` (None: leave it as it is).
     """
 
     def __init__(self, mlp: nn.Module, grid: GridSource | None, prefix: int = 0, suffix: int = 0,
-                 layout: str = "BNC", fc2: str | None = "fc2") -> None:
+                 layout: str = "BNC") -> None:
         super().__init__()
         if layout not in ("BNC", "BHWC"):
             raise ConfigError(f"localify: unknown layout {layout!r}; choose 'BNC' or 'BHWC'")
@@ -479,14 +478,6 @@ class LocalityMLP(nn.Module):
             raise ConfigError("localify: layout 'BNC' needs a grid source (GridSource) for the (H, W) token grid")
         if prefix < 0 or suffix < 0:
             raise ConfigError(f"localify: prefix and suffix must be >= 0, got {prefix} and {suffix}")
-        lin = None
-        if fc2 is not None:
-            try:
-                lin = mlp.get_submodule(fc2)
-            except AttributeError:
-                raise ConfigError(
-                    f"localify: LocalityMLP looked for the second projection {fc2!r} in {type(mlp).__name__} and "
-                    f"found no such submodule; pass fc2= its path inside the MLP (or None)") from None
         object.__setattr__(self, "_base", mlp)  # not a child: its children are this module's children
         for name in _SHARED:
             if hasattr(mlp, name):
@@ -496,8 +487,6 @@ class LocalityMLP(nn.Module):
         self.suffix = suffix
         self.layout = layout
         self.grid_source = grid
-        if type(lin) is nn.Linear:
-            lin.__class__ = PointwiseLinear
 
     def get_base_layer(self) -> nn.Module:
         """The MLP module this block runs (it shares its parameters and children with this one)."""
