@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import io
 import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fc1_only import splice_fc1_only
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
 
 import localify
 from localify._grid import GridSource, GridSpec
-from localify._splice import get_state, splice
+from localify._splice import get_state
 from localify.ffn import LocalViTFFN
 from localify.layers import (
     LocalityLinear,
@@ -59,10 +59,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def localify_fc1_only(model: nn.Module, variant: str) -> nn.Module:
     """The conversion as a save without ``per_token`` replays it: fc1 wrapped, the MLP modules kept."""
-    probe = localify.localify(copy.deepcopy(model), variant=variant)
-    state = get_state(probe)
-    splice(model, state.config, [dataclasses.replace(r, per_token=False) for r in state.sites])
-    return model
+    return splice_fc1_only(model, get_state(localify.localify(copy.deepcopy(model), variant=variant)))
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import warnings
 import pytest
 import timm
 import torch
+from fc1_only import splice_fc1_only
 from safetensors.torch import load_file, save_file
 from timm.layers import GluMlp, Mlp, SwiGLU
 from timm.models.vision_transformer import Block
@@ -104,9 +105,7 @@ def convert(model: nn.Module, variant: str = "dwconv", **kw) -> nn.Module:
 
 def convert_fc1_only(model: nn.Module, variant: str = "dwconv") -> nn.Module:
     """The fc1-only conversion (the MLP modules kept): the records of a conversion, ``per_token`` false."""
-    state = get_state(convert(copy.deepcopy(model), variant))
-    splice(model, state.config, [dataclasses.replace(r, per_token=False) for r in state.sites])
-    return model
+    return splice_fc1_only(model, get_state(convert(copy.deepcopy(model), variant)))
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ Examples are derandomised (the same ones on every run) and few per test: each mo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +31,14 @@ import timm
 import timm.layers
 import torch
 import torch.nn.functional as F
+from fc1_only import splice_fc1_only
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from user_models import Block, PatchEmbed
 
 import localify
-from localify._splice import get_state, splice
+from localify._splice import get_state
 from localify.layers import LocalityLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -285,7 +285,7 @@ def _convert_and_check(d: Drawn, tmp_path_factory, variant: str, kernel: int, la
     if any(r.per_token for r in state.sites):  # (c) the LocalityMLPs against the fc1-only conversion
         twin = copy.copy(d)
         twin.model = copy.deepcopy(reference.model)
-        splice(twin.model, state.config, [dataclasses.replace(r, per_token=False) for r in state.sites])
+        splice_fc1_only(twin.model, state)
         twin.model.load_state_dict(d.model.state_dict())
         for x in xs:
             assert _check_locality_linears(twin, x) > 0

@@ -10,16 +10,16 @@ grid read from another call go unnoticed by shapes and show only in the values.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 import threading
 
 import pytest
 import torch
+from fc1_only import splice_fc1_only
 from torch import nn
 
 import localify
-from localify._splice import get_state, splice
+from localify._splice import get_state
 from localify.layers import LocalityMLP
 
 THREADS = 4
@@ -49,9 +49,7 @@ def tiny_vit(variant: str = "dwconv") -> nn.Module:
     model = localify.create_model("vit_tiny_patch16_224", **TINY)
     name = variant.removesuffix("-fc1")
     if variant.endswith("-fc1"):
-        probe = localify.localify(copy.deepcopy(model), kernel_size=3, variant=name)
-        state = get_state(probe)
-        splice(model, state.config, [dataclasses.replace(r, per_token=False) for r in state.sites])
+        splice_fc1_only(model, get_state(localify.localify(copy.deepcopy(model), kernel_size=3, variant=name)))
     else:
         localify.localify(model, kernel_size=3, variant=name)
     assert (type(model.blocks[0].mlp) is LocalityMLP) == (variant == "dwconv")
