@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import time
@@ -137,6 +138,7 @@ class Dist:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()  # every rank is past its last collective before any rank tears the group down
             dist.destroy_process_group()
 
 
@@ -403,6 +405,10 @@ def main(argv: list[str] | None = None) -> dict:
         log(str(info))
     summary = {"steps": step, "world_size": d.world, "loss": loss_avg, "val_acc": acc, "trainable": str(report),
                "num_classes": num_classes, "checkpoint": final, "seconds": elapsed}
+    # DDP's reducer and the last step's autograd graph (all-reduce BatchNorm) hold the process group: let them go
+    # before it is destroyed, not at interpreter exit (a gloo abort at exit was seen once under load)
+    net = loss = None
+    gc.collect()
     d.close()
     return summary
 
