@@ -8,6 +8,7 @@ block reads its token grid from at run time.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import io
 import logging
@@ -338,7 +339,8 @@ def trace_model(model: nn.Module, example: ExampleInputs) -> Trace:
         tracer = name
         calls.clear()
         try:
-            with eval_mode(model), record_calls(model, calls), warnings.catch_warnings(), _quiet_torch_logs():
+            with eval_mode(model), record_calls(model, calls), warnings.catch_warnings(), _quiet_torch_logs(), \
+                    _gc_paused():
                 warnings.simplefilter("ignore")
                 program = fn(model, example.args, example.kwargs, strict=False)
             break
@@ -361,6 +363,22 @@ def trace_model(model: nn.Module, example: ExampleInputs) -> Trace:
     if img is not None:
         batch = int(img.shape[0])
     return Trace(program, program.graph, names, set(sig.user_inputs), calls, example, batch, tracer)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while tracing. The call records allocate small objects at every
+    module call, which set off full collections over the tracer's large object graph: on vit_base the first
+    export of a process took 0.82-0.94 s with the recording hooks and 0.64-0.65 s with them and the collector
+    paused (a plain export: 0.59-0.66 s). Only reference cycles made during the trace wait for the collector,
+    which runs again after it; reference counting frees everything else as always."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @contextlib.contextmanager
