@@ -13,6 +13,7 @@ from torch import nn
 
 from ._grid import GridSource, GridSpec
 from ._plan import SiteRecord
+from ._trace import kept_modes
 from ._variants import LocalifyConfig, get_variant
 from .layers import LocalifyModule
 
@@ -78,12 +79,11 @@ def splice(model: nn.Module, config: LocalifyConfig, records: list[SiteRecord],
     if prepare is not None:
         prepare()
     # nothing below can fail on valid records
-    kept = [(m, m.training) for m in model.modules()]
-    for path, new in built:
-        new.train(model.get_submodule(path).training)  # the mode of what it replaces
-        set_submodule(model, path, new)
-    for m, mode in kept:  # modules of the model that a new one holds (its base layer, shared children) keep theirs
-        m.training = mode
+    # modules of the model that a new one holds (its base layer, shared children) keep their own modes
+    with kept_modes(model):
+        for path, new in built:
+            new.train(model.get_submodule(path).training)  # the mode of what it replaces
+            set_submodule(model, path, new)
     for spec, src in pending.items():
         src.attach(model)
         state.sources[spec] = src

@@ -263,15 +263,22 @@ def accepts_kwarg(model: nn.Module, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode, restoring each module's own flag afterwards."""
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Restore the training flag of every module ``model`` holds now (each its own) on leaving."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
         yield
     finally:
         for m, t in flags:
             m.training = t
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode, restoring each module's own flag afterwards."""
+    with kept_modes(model):
+        model.eval()
+        yield
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...] | None:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._grid import GridSource, check_tokens
+from ._trace import eval_mode
 from .errors import ConfigError, FuseError
 
 __all__ = [
@@ -546,13 +547,11 @@ def per_token_module(mlp: nn.Module, in_features: int) -> bool:
     (2, 3, C) and (1, 2, 3, C). Run in eval mode without autograd on the module's device and dtype; the
     module is left as it was (mode included). Call it on the MLP before its fc1 is replaced. A module that
     raises on these inputs, or whose outputs cannot be compared (not tensors, another device), is not one."""
-    modes = [(m, m.training) for m in mlp.modules()]
     try:
         p = next(iter(mlp.parameters()), None)
         kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
         x = torch.randn(6, in_features, generator=torch.Generator().manual_seed(0)).to(**kw)
-        mlp.eval()
-        with torch.no_grad():
+        with eval_mode(mlp), torch.no_grad():
             y2 = mlp(x)
             y3 = mlp(x.view(2, 3, -1))
             y4 = mlp(x.view(1, 2, 3, -1))
@@ -564,9 +563,6 @@ def per_token_module(mlp: nn.Module, in_features: int) -> bool:
                 and bool((y4.reshape(y2.shape) - y2).abs().max() <= tol))
     except Exception:
         return False
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def tokens_around_grid(t: torch.Tensor, h: torch.Tensor, width: Any, prefix: int, suffix: int) -> torch.Tensor:
