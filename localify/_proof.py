@@ -1387,7 +1387,10 @@ class _Runner:
                 continue
             if schema is None:
                 continue
-            if name in _VALUE_OPS or any(r.type.kind() not in _TENSOR_KINDS for r in schema.returns):
+            mutated = [a for j, a in enumerate(schema.arguments) if a.alias_info is not None
+                       and a.alias_info.is_write and _arg_node(node, j, a.name) in needed]
+            if name in _VALUE_OPS or mutated or any(r.type.kind() not in _TENSOR_KINDS for r in schema.returns):
+                # (an in-place op on a tensor whose data is read later must really run)
                 needed.update(node.all_input_nodes)
                 needed.add(node)
                 continue
@@ -1483,7 +1486,10 @@ class _Runner:
                 self._after(node, seen_args, seen_kwargs, out, code, note, written)
             return
         if not real:
-            args, kwargs = _to_meta(target, args, kwargs)
+            try:
+                args, kwargs = _to_meta(target, args, kwargs)
+            except Exception as e:
+                raise _Retry from e
         if written:  # never mutate parameters, buffers, constants or the caller's inputs
             args, kwargs = list(args), dict(kwargs)
             for key, src in written:
@@ -1570,8 +1576,12 @@ class _Runner:
             if name == "wrap_with_autocast":
                 dev, dtype, enabled, cache = args[:4]
                 ctx = torch.autocast(dev, dtype=dtype, enabled=enabled, cache_enabled=cache)
-            with ctx:
-                out, oc = self.run(args[sub], operands, ocodes)
+            saved, self.real_all = self.real_all, True  # the wrapped region runs as one opaque op: for real
+            try:
+                with ctx:
+                    out, oc = self.run(args[sub], operands, ocodes)
+            finally:
+                self.real_all = saved
             val[node] = out
             if any(c is not None for c in ocodes):
                 code[node] = list(oc) if isinstance(oc, (list, tuple)) else oc
@@ -1609,6 +1619,10 @@ def _is_python_op(target: Any) -> bool:
         torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not)
 
 
+def _arg_node(node: fx.Node, j: int, name: str) -> Any:
+    return node.args[j] if j < len(node.args) else node.kwargs.get(name)
+
+
 def _nodes_in(v: Any) -> list[fx.Node]:
     if isinstance(v, fx.Node):
         return [v]
@@ -1628,8 +1642,8 @@ def _concrete(v: Any) -> bool:
 
 def _to_meta(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     def conv(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.device.type != "meta":
-            return v.to(_META)
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":  # real or a traced (fake) value
+            return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=_META)
         return v
 
     args = pytree.tree_map(conv, args)

@@ -418,6 +418,24 @@ class Transposed(nn.Module):
         return self.block(m.transpose(2, 3).flatten(2).transpose(1, 2))
 
 
+class Wrapped(nn.Module):
+    """Regions under autocast / no_grad: torch.export wraps them in higher-order ops with a subgraph."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = 32
+        self.patch = Patches(8)
+        self.block = Block()
+
+    def forward(self, x):
+        x = self.patch(x)
+        with torch.autocast("cpu", enabled=False):
+            x = x + 0.1 * x.float().softmax(-1)
+        with torch.no_grad():
+            x = x * 2
+        return self.block(x)
+
+
 # --------------------------------------------------------------------------------------------------- positives
 def _timm_vit(**kw):
     base = dict(pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
@@ -456,6 +474,7 @@ POSITIVE = {
     "outlook attention unfold / fold": (OutlookFold, None, [(0, 0, (8, 8), (4.0, 4.0))]),
     "cross-covariance (channel) attention": (ChannelAttention, None, [(0, 0, (4, 4), (8.0, 8.0))]),
     "bicubic resampling before patches": (Resampled, None, [(0, 0, (4, 4), (8.0, 8.0))]),
+    "autocast and no_grad regions": (Wrapped, None, [(0, 0, (4, 4), (8.0, 8.0))]),
 }
 
 
