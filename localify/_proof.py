@@ -69,7 +69,9 @@ class GridProof:
     suffix: int = 0
     grid: tuple[int, int] | None = None  # (H, W) at the traced size
     stride: tuple[float, float] | None = None  # pixel spacing between neighbouring cells
-    permutation: tuple[int, ...] | None = None  # set when the tokens are a permutation of a raster grid
+    # set (with ok=False) when the grid tokens [prefix, N - suffix) are a raster grid's cells in another
+    # order: permutation[i] is the raster index (row * W + col) of the i-th grid token
+    permutation: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -155,10 +157,11 @@ def _expand(c: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
 
 
 class _Mixer:
-    """Collects whether an elementwise combination created conflicts (tokens of different positions)."""
+    """What the last elementwise combination mixed: "" (nothing), "positions", or "images" (tokens of
+    different images, as when per-image queries are paired with another image's windows)."""
 
     def __init__(self) -> None:
-        self.mixed = False
+        self.mixed = ""
 
 
 def _const_dims(c: torch.Tensor, shape: tuple[int, ...]) -> int:
@@ -210,7 +213,9 @@ def _combine(codes: list[Any], shape: tuple[int, ...], mixer: _Mixer) -> Any:
         conflict = differ.any(dim=-1, keepdim=True)
         a = torch.where(torch.isnan(a), b, torch.where(torch.isnan(b), a, (a + b) / 2))
         if bool(conflict.any()):
-            mixer.mixed = True
+            mixer.mixed = mixer.mixed or "positions"
+            if bool((differ[..., 0] & conflict[..., 0]).any()):
+                mixer.mixed = "images"
             a = a.masked_fill(conflict, _INF)
     return _expand(a, shape)
 
@@ -1279,8 +1284,9 @@ def _check(codes: Any, shape: tuple[int, ...], layout: str, batch: int, extra_ki
         return GridProof(False, f"the MLP input has shape {shape}, not (B, N, C)")
     b, n, ch = _real_shape(codes)
     if bool(torch.isposinf(codes).any()):
-        where = f" (at {note})" if note else ""
-        return GridProof(False, f"tokens of different positions are mixed elementwise{where}")
+        kind, _, where = (note or "positions|").partition("|")
+        at = f" (at {where})" if where else ""
+        return GridProof(False, f"tokens of different {kind} are mixed elementwise{at}")
     if _bcast(codes, 2):
         tok = codes.select(2, 0)
     else:
@@ -1387,7 +1393,10 @@ class _Runner:
                 continue
             if schema is None:
                 continue
-            if name in _VALUE_OPS or any(r.type.kind() not in _TENSOR_KINDS for r in schema.returns):
+            mutated = [a for j, a in enumerate(schema.arguments) if a.alias_info is not None
+                       and a.alias_info.is_write and _arg_node(node, j, a.name) in needed]
+            if name in _VALUE_OPS or mutated or any(r.type.kind() not in _TENSOR_KINDS for r in schema.returns):
+                # (an in-place op on a tensor whose data is read later must really run)
                 needed.update(node.all_input_nodes)
                 needed.add(node)
                 continue
@@ -1483,7 +1492,10 @@ class _Runner:
                 self._after(node, seen_args, seen_kwargs, out, code, note, written)
             return
         if not real:
-            args, kwargs = _to_meta(target, args, kwargs)
+            try:
+                args, kwargs = _to_meta(target, args, kwargs)
+            except Exception as e:
+                raise _Retry from e
         if written:  # never mutate parameters, buffers, constants or the caller's inputs
             args, kwargs = list(args), dict(kwargs)
             for key, src in written:
@@ -1511,13 +1523,13 @@ class _Runner:
                written: list) -> None:
         """Codes of ``node`` from its inputs' codes (at least one input has codes)."""
         coded_inputs = [n for n in node.all_input_nodes if code.get(n) is not None]
-        self.mixer.mixed = False
+        self.mixer.mixed = ""
         c = self._codes(node, args, kwargs, out, code)
         if c is not None:
             code[node] = c
         origin = next((note[n] for n in coded_inputs if n in note), None)
         if self.mixer.mixed and origin is None:
-            origin = _where(node)
+            origin = f"{self.mixer.mixed}|{_where(node)}"
         if origin is not None:
             note[node] = origin
         for _, src in written:  # later readers of a mutated tensor see its new positions
@@ -1570,8 +1582,12 @@ class _Runner:
             if name == "wrap_with_autocast":
                 dev, dtype, enabled, cache = args[:4]
                 ctx = torch.autocast(dev, dtype=dtype, enabled=enabled, cache_enabled=cache)
-            with ctx:
-                out, oc = self.run(args[sub], operands, ocodes)
+            saved, self.real_all = self.real_all, True  # the wrapped region runs as one opaque op: for real
+            try:
+                with ctx:
+                    out, oc = self.run(args[sub], operands, ocodes)
+            finally:
+                self.real_all = saved
             val[node] = out
             if any(c is not None for c in ocodes):
                 code[node] = list(oc) if isinstance(oc, (list, tuple)) else oc
@@ -1609,6 +1625,10 @@ def _is_python_op(target: Any) -> bool:
         torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not)
 
 
+def _arg_node(node: fx.Node, j: int, name: str) -> Any:
+    return node.args[j] if j < len(node.args) else node.kwargs.get(name)
+
+
 def _nodes_in(v: Any) -> list[fx.Node]:
     if isinstance(v, fx.Node):
         return [v]
@@ -1628,8 +1648,8 @@ def _concrete(v: Any) -> bool:
 
 def _to_meta(target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     def conv(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.device.type != "meta":
-            return v.to(_META)
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":  # real or a traced (fake) value
+            return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=_META)
         return v
 
     args = pytree.tree_map(conv, args)

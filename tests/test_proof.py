@@ -266,6 +266,15 @@ class FlipMix(nn.Module):
         return x + self.mlp(x)
 
 
+class ImageMix(FlipMix):
+    """Each image's tokens added to the next image's tokens: images mixed elementwise."""
+
+    def forward(self, x):
+        x = self.patch(x)
+        x = x + x.roll(1, dims=0)
+        return x + self.mlp(x)
+
+
 class OverlapPEG(nn.Module):
     """PVT-v2 style overlapping patch embedding (7x7, stride 4, padding 3), a conditional position encoding
     (depth-wise 3x3 conv added to the tokens), a squeeze-excite gate, then a block."""
@@ -419,6 +428,29 @@ class Transposed(nn.Module):
         return self.block(m.transpose(2, 3).flatten(2).transpose(1, 2))
 
 
+class Wrapped(nn.Module):
+    """Regions under autocast / no_grad (torch.export wraps them in higher-order ops with a subgraph), and
+    an in-place op on a tensor read later (it must run for real, not on a stand-in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_size = 32
+        self.patch = Patches(8)
+        self.block = Block()
+
+    def forward(self, x):
+        x = self.patch(x)
+        with torch.autocast("cpu", enabled=False):
+            x = x + 0.1 * x.float().softmax(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = x + (x @ x.new_ones(x.shape[-1], x.shape[-1])).float()
+        x = x.clone()
+        x.mul_(0.5)
+        with torch.no_grad():
+            x = x * 2
+        return self.block(x)
+
+
 # --------------------------------------------------------------------------------------------------- positives
 def _timm_vit(**kw):
     base = dict(pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
@@ -457,6 +489,7 @@ POSITIVE = {
     "outlook attention unfold / fold": (OutlookFold, None, [(0, 0, (8, 8), (4.0, 4.0))]),
     "cross-covariance (channel) attention": (ChannelAttention, None, [(0, 0, (4, 4), (8.0, 8.0))]),
     "bicubic resampling before patches": (Resampled, None, [(0, 0, (4, 4), (8.0, 8.0))]),
+    "autocast and no_grad regions": (Wrapped, None, [(0, 0, (4, 4), (8.0, 8.0))]),
 }
 
 
@@ -485,7 +518,8 @@ NEGATIVE = {
                                            ["2 grids of 4x4", "tile"]),
     "MAE shuffle by argsort of noise": (MaeShuffle, None, ["differs between images", "shuffled"]),
     "windows folded into the batch": (WindowMlp, None, ["batch", "folded"]),
-    "positions mixed elementwise": (FlipMix, None, ["mixed elementwise", "add"]),
+    "positions mixed elementwise": (FlipMix, None, ["different positions are mixed elementwise", "add"]),
+    "images mixed elementwise": (ImageMix, None, ["different images are mixed elementwise", "add"]),
     "a 1-D sequence (1x8 grid)": (lambda: UserViT(img=(8, 64), prefix=1), None, ["1-D sequence", "row"]),
     "Fourier token mixing": (Spectral, None, ["cannot follow", "Fourier"]),
     "a grid with a column taken out": (DroppedColumn, None, ["not a grid", "evenly spaced"]),
