@@ -946,7 +946,7 @@ def summarize(results: list[dict]) -> dict:
         "own_input_counts": dict(Counter(o["status"] for o in own)),
         "crashed_total": counts.get("crashed", 0) + sum(o["status"] == "crashed" for o in own),
         "mismatch_total": counts.get("mismatch", 0) + sum(o["status"] == "mismatch" for o in own),
-        "sites": sum(len(r["sites"]) for r in results),
+        "sites": sum(len(run["sites"]) for r in results for _, run in _runs(r)),
         "converted_sites": sum(s["status"] == "convertible" for r in results for _, run in _runs(r)
                                if run["status"] in ("converted", "mismatch") for s in run["sites"]),
         "unproven_sites": len(unp),
@@ -966,6 +966,10 @@ def _conv_cell(run: dict) -> str:
         return "0"
     grids = sorted({s["tokens"] for s in conv}, key=str)
     return f"{len(conv)} ({_cell(', '.join(grids), 40)})" if conv else "0"
+
+
+def _with_own(n: int, own: int) -> str:
+    return f"{n} (+{own} with own input)" if own else str(n)
 
 
 def _first_refusal(run: dict) -> str:
@@ -990,11 +994,13 @@ def write_markdown(results: list[dict], path: Path, meta: dict) -> None:
         "| converted (check passed) | output mismatch | refused | untraceable | no MLP | example input | "
         "other localify error | **crashed** | timeout | worker died | build failed | too large | skipped |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {c['converted']} | {c['mismatch']} | {c['refused']} | {c['untraceable']} | {c['no_mlp']} | "
-        f"{c['example_input']} | {c['localify_error']} | **{c['crashed']}** | {c['timeout']} | {c['died']} | "
+        f"| {c['converted']} | {_with_own(c['mismatch'], oc.get('mismatch', 0))} | {c['refused']} | "
+        f"{c['untraceable']} | {c['no_mlp']} | {c['example_input']} | {c['localify_error']} | "
+        f"**{_with_own(c['crashed'], oc.get('crashed', 0))}** | {c['timeout']} | {c['died']} | "
         f"{c['build_failed']} | {c['too_large']} | {c['skipped']} |",
         "",
-        f"MLP sites found: {summ['sites']}; converted: {summ['converted_sites']}; **unproven conversions: "
+        f"MLP sites found (all runs): {summ['sites']}; converted: {summ['converted_sites']}; "
+        f"**unproven conversions: "
         f"{summ['unproven_sites']} site(s) in {summ['unproven_models']} model(s)** (converted without a grid "
         f"proof that holds); converted sites whose grid does not look like a patch grid of the input: "
         f"{summ['suspicious_sites']}. Crashes in all runs: **{summ['crashed_total']}**; output mismatches: "
@@ -1071,7 +1077,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="sweep.md", help="markdown table")
     ap.add_argument("--json", default=None, help="raw results (JSON)")
     ap.add_argument("--list", action="store_true", help="list the models and exit")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="rewrite --out (and --json's summary) from the raw results of an earlier run")
     args = ap.parse_args(argv)
+    if args.from_json:
+        doc = json.loads(Path(args.from_json).read_text())
+        write_markdown(doc["results"], Path(args.out), doc["meta"])
+        if args.json:
+            doc["summary"] = summarize(doc["results"])
+            Path(args.json).write_text(json.dumps(doc, indent=1, default=repr))
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     warnings.simplefilter("ignore")
     from transformers.utils import logging as hf_logging
