@@ -17,8 +17,7 @@ Models (random init, 224x224, all blocks converted):
 Runtimes, each timed in a fresh process (--processes N: N of them, the median of their ratios is shown) in
 interleaved rounds (every round times every model back to back, so machine noise hits all of them, starting one
 model further along each round; the table shows medians over rounds and the ratio to the original in the same
-runtime). At batch 1 'original conv-pw' runs the original's own code (the primitive applies to more than one
-sample): an A/A control of how far a ratio moves by chance.
+runtime). The lowest and highest ratio over the processes show how far a ratio moves by chance.
   eager     PyTorch, inference mode
   compile   torch.compile (inductor, static shapes: one graph per batch size), inference mode
   ort       ONNX Runtime, CPU execution provider, the file written by localify.export_onnx (dynamic batch by
@@ -62,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import CLOCKS, rotating_rounds, stable_allocator  # noqa: E402
 from bench_overhead import conv_call_floor  # noqa: E402
 
-from localify.layers import linear_rows, pointwise_backend, use_conv_pointwise  # noqa: E402
+from localify.layers import pointwise, pointwise_backend  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "ort")
 FLOOR_RUNTIMES = {"eager", "compile"}
@@ -96,9 +95,7 @@ class ConvPointwiseLinear(torch.nn.Linear):
     """The original's MLP projections with the primitive the converted blocks use (1x1 conv or F.linear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and use_conv_pointwise(x):
-            return linear_rows(x, self.weight, self.bias, x.shape[0])
-        return super().forward(x)
+        return pointwise(x, self.weight, self.bias)
 
 
 def same_primitive(model: torch.nn.Module) -> torch.nn.Module:

@@ -62,12 +62,11 @@ from .layers import (
     LocalifyModule,
     copy_sharing_grid,
     fuse_locality_linear,
-    linear_rows,
+    pointwise,
     require_eval,
     rows_to_grid,
     tokens_around_grid,
     tracing,
-    use_conv_pointwise,
 )
 
 __all__ = [
@@ -369,9 +368,8 @@ class LocalViTFFN(LocalifyModule):
     @staticmethod
     def _linear(fc: nn.Linear, rows: torch.Tensor, b: Any) -> torch.Tensor:
         """``fc(rows)`` for (R, C) rows of ``b`` samples; a plain, hook-free Linear may run as a 1x1 conv."""
-        if type(fc) is nn.Linear and not (fc._forward_hooks or fc._forward_pre_hooks) \
-                and use_conv_pointwise(rows, b):
-            return linear_rows(rows, fc.weight, fc.bias, b)
+        if type(fc) is nn.Linear and not (fc._forward_hooks or fc._forward_pre_hooks):
+            return pointwise(rows, fc.weight, fc.bias, b)
         return fc(rows)
 
     def _pw1(self, rows: torch.Tensor, prm: FoldedParams | None, b: Any = 1) -> torch.Tensor:
@@ -409,32 +407,26 @@ class LocalViTFFN(LocalifyModule):
         top row) and the suffix tokens (start of the bottom row). fc2 then reads a view of that output.
         """
         n, p, s = x.shape[1], self.prefix, self.suffix
-        h = self._pw1(x.reshape(n, -1), prm)  # (N, hid)
+        h = self._act(pointwise(x.reshape(n, -1), prm.w1, prm.b1, 1))  # (N, hid)
         t = self._act(self._dw(rows_to_grid(h, p, hw), prm, pad_rows=1))
         t = t.permute(0, 2, 3, 1).flatten(1, 2)  # (1, (H + 2) * W, hid), a view
         if self.attn is not None:
             self.attn(t.narrow(1, hw[1], n - p - s), inplace=True)
-        return self._pw2(tokens_around_grid(t, h.unsqueeze(0), hw[1], p, s), prm)
+        return pointwise(tokens_around_grid(t, h.unsqueeze(0), hw[1], p, s), prm.w2, prm.b2)
 
     def _grid_eval(self, g: torch.Tensor, prm: FoldedParams) -> torch.Tensor:
         """Eval (folded weights): a (B, H, W, in) grid through the whole block -> (B, H, W, out).
 
         The hidden map stays channels-last from fc1 to fc2 (views only); the point-wise layers run as 1x1
-        convolutions or ``F.linear`` (:func:`~localify.layers.use_conv_pointwise`; always the former in an
+        convolutions or ``F.linear`` (:func:`~localify.layers.pointwise`; always the former in an
         exported graph, whose hidden map then keeps one layout from the first projection to the last).
         """
-        conv = use_conv_pointwise(g)
-        if conv:
-            h = F.conv2d(g.contiguous().permute(0, 3, 1, 2), prm.w1[:, :, None, None], prm.b1)
-        else:
-            h = F.linear(g, prm.w1, prm.b1).permute(0, 3, 1, 2)
+        h = pointwise(g, prm.w1, prm.b1).permute(0, 3, 1, 2)
         # (B, hid, H, W) channels-last from here to fc2: activations, conv and attention on the map
         t = self._act(self._dw(self._act(h), prm))
         if self.attn is not None:
             t = self.attn(t, inplace=not torch.is_grad_enabled())
-        if conv:
-            return F.conv2d(t, prm.w2[:, :, None, None], prm.b2).permute(0, 2, 3, 1)
-        return F.linear(t.permute(0, 2, 3, 1), prm.w2, prm.b2)
+        return pointwise(t.permute(0, 2, 3, 1), prm.w2, prm.b2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prm = self._eval_params()

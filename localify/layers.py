@@ -58,6 +58,7 @@ __all__ = [
     "set_pointwise_backend",
     "linear_channels_last",
     "linear_rows",
+    "pointwise",
     "use_conv_pointwise",
     "per_token_module",
     "pointwise_replacement",
@@ -140,10 +141,11 @@ def _cpu_vendor() -> str:
 def _auto_backend() -> str:
     """``conv`` where PyTorch's BLAS is MKL and the CPU is an AMD one, ``linear`` everywhere else.
 
-    MKL takes a slower code path on AMD CPUs than oneDNN does: on an AMD EPYC (Zen 5, AVX-512) with torch
-    2.14 a (16 x 14 x 14, 192) -> 768 projection ran 2.3-2.9x faster as a 1x1 convolution of the channels-last
-    map than through ``F.linear`` (forward; 1.8x forward + backward); with one sample both took the same
-    time. Where nothing was measured (Intel, ARM, other BLAS) the model's own primitive is kept.
+    MKL takes a slower code path on AMD CPUs than oneDNN does. On an AMD EPYC (AVX-512) with torch 2.14 and 2
+    threads, a (B x 14 x 14, 192) -> 768 projection ran 2.0-2.3x faster as a 1x1 convolution of the
+    channels-last map than through ``F.linear`` at B = 16 (1.8x forward + backward) and 1.4-1.7x at B = 1;
+    with 1 thread 2.1x at B = 16 and 0.96x at B = 1. Where nothing was measured (Intel, ARM, other BLAS) the
+    model's own primitive is kept.
     """
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()):
         return "linear"
@@ -170,9 +172,8 @@ def pointwise_backend() -> str:
     channels-last view (oneDNN). Both compute the same product (float rounding aside, about 1e-7 relative).
     Set by :func:`set_pointwise_backend`, else by the ``LOCALIFY_POINTWISE`` environment variable (``conv``,
     ``linear`` or ``auto``) as it was when localify was imported, else ``auto``: ``conv`` on AMD CPUs with an
-    MKL build, ``linear`` elsewhere. ``conv`` applies to float32 CPU tensors of more than one sample only (with
-    one sample the two measured the same). Under ``torch.export`` (ONNX export) the 1x1-conv form is always
-    used.
+    MKL build, ``linear`` elsewhere. ``conv`` applies to float32 CPU tensors. Under ``torch.export`` (ONNX
+    export) the 1x1-conv form is always used. :func:`pointwise` is where the choice is applied.
     """
     return _pointwise["value"]
 
@@ -209,15 +210,13 @@ def exporting() -> bool:
     return torch.compiler.is_exporting()
 
 
-def use_conv_pointwise(x: torch.Tensor, batch: Any = None) -> bool:
-    """Whether a point-wise projection of ``x`` (a (B, H, W, C) grid, or rows of ``batch`` samples) runs as a
-    1x1 convolution: always under ``torch.export``; in eager mode and under ``torch.compile`` when
-    :func:`pointwise_backend` is ``conv``, for float32 CPU tensors of more than one sample."""
+def use_conv_pointwise(x: torch.Tensor) -> bool:
+    """Whether a point-wise projection of ``x`` runs as a 1x1 convolution (see :func:`pointwise`): always
+    under ``torch.export``; in eager mode and under ``torch.compile`` when :func:`pointwise_backend` is
+    ``conv``, for float32 CPU tensors."""
     if exporting():
         return True
-    if x.device.type != "cpu" or x.dtype != torch.float32 or pointwise_backend() != "conv":
-        return False
-    return (x.shape[0] if batch is None else batch) > 1  # torch.compile specialises (guards) on it
+    return x.device.type == "cpu" and x.dtype == torch.float32 and pointwise_backend() == "conv"
 
 
 def linear_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: Any) -> torch.Tensor:
@@ -226,6 +225,19 @@ def linear_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     the result has the shape of ``rows`` with ``out`` features."""
     y = linear_channels_last(rows.reshape(groups, -1, 1, rows.shape[-1]), weight, bias)
     return y.reshape(*rows.shape[:-1], y.shape[-1])
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: Any = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with the point-wise primitive of converted blocks: a 1x1 convolution
+    where :func:`use_conv_pointwise` says so, else ``F.linear``. ``x`` is a (B, H, W, C) grid (the result is a
+    view of the channels-last conv output), (B, N, C) tokens, or (R, C) rows of ``batch`` samples (without
+    ``batch``, 2-D rows always take ``F.linear``: the few extra tokens of a block, for which a conv call
+    costs more than the product)."""
+    if x.dim() == 2 and batch is None or not use_conv_pointwise(x):
+        return F.linear(x, weight, bias)
+    if x.dim() == 4:
+        return linear_channels_last(x, weight, bias)
+    return linear_rows(x, weight, bias, x.shape[0] if x.dim() == 3 else batch)
 
 
 class PointwiseLinear(nn.Linear):
@@ -238,8 +250,8 @@ class PointwiseLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and _hook_free(self) and use_conv_pointwise(x):
-            return linear_channels_last(x, self.weight, self.bias)
+        if x.dim() in (3, 4) and _hook_free(self):
+            return pointwise(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -371,9 +383,10 @@ class LocalityLinear(LocalifyModule):
         return y
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """The projection of a (B, H, W, C) grid -> (B, H, W, out), a view of a channels-last tensor."""
-        if self._plain_linear() and use_conv_pointwise(x):
-            return linear_channels_last(x, self.linear.weight, self.linear.bias)
+        """The projection of a (B, H, W, C) grid or (B, N, C) tokens (:func:`pointwise`: a view of a
+        channels-last tensor when it runs as a 1x1 conv)."""
+        if self._plain_linear():
+            return pointwise(x, self.linear.weight, self.linear.bias)
         return self.linear(x)
 
     def _grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -397,7 +410,7 @@ class LocalityLinear(LocalifyModule):
             # extra row of padding above and below the grid leaves room in the conv output for the prefix
             # tokens (end of the top row) and the suffix tokens (start of the bottom row), so the tokens
             # come back as a view of it; only the few extra tokens are copied.
-            h = self.linear(x)
+            h = self._project(x)
             y = self._conv_padded(rows_to_grid(h, p, hw))
             return tokens_around_grid(grid_to_tokens(y), h, hw[1], p, s)
         # Project the grid tokens on their own so the hidden grid is contiguous (channels-last for the

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fc1_only import splice_fc1_only
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import localify
 from localify._grid import GridSource, GridSpec
@@ -30,6 +31,7 @@ from localify.layers import (
     linear_channels_last,
     linear_rows,
     per_token_module,
+    pointwise,
     pointwise_backend,
     pointwise_replacement,
     set_pointwise_backend,
@@ -393,6 +395,36 @@ def test_pointwise_primitives_equal_linear(backend):
     lin.__class__ = PointwiseLinear
     for t in (x, rows, x[0]):
         assert rel_err(lin(t), F.linear(t, lin.weight, lin.bias)) <= 1e-6
+
+
+class OpNames(TorchDispatchMode):
+    """The aten ops that run inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape, batch", [((1, 4, 5, DIM), None), ((2, 4, 5, DIM), None), ((1, 9, DIM), None),
+                                          ((3, 9, DIM), None), ((12, DIM), 3), ((1, DIM), 1), ((5, DIM), None)])
+def test_pointwise_runs_the_chosen_primitive_at_every_batch(backend, shape, batch):
+    """pointwise(): the 1x1 conv under the conv backend for grids, tokens and rows of known batch, one
+    sample included (faster there too on the CPUs measured); F.linear otherwise, and always for rows of unknown
+    batch (a block's few extra tokens). Same values as F.linear either way."""
+    g = torch.Generator().manual_seed(1)
+    w, bias = torch.randn(HID, DIM, generator=g), torch.randn(HID, generator=g)
+    x = torch.randn(*shape, generator=g)
+    with torch.inference_mode(), OpNames() as ops:
+        y = pointwise(x, w, bias, batch)
+    assert y.shape == (*shape[:-1], HID)
+    assert rel_err(y, F.linear(x, w, bias)) <= 1e-6
+    conv = backend == "conv" and not (len(shape) == 2 and batch is None)
+    assert bool(ops.names & {"conv2d", "convolution"}) == conv, ops.names
+    assert bool(ops.names & {"linear", "addmm", "mm"}) == (not conv), ops.names
 
 
 def test_pointwise_backend_setting(monkeypatch):
