@@ -427,6 +427,21 @@ def test_pointwise_runs_the_chosen_primitive_at_every_batch(backend, shape, batc
     assert bool(ops.names & {"linear", "addmm", "mm"}) == (not conv), ops.names
 
 
+def test_pointwise_tokens_take_linear_when_compiled(monkeypatch):
+    """Under torch.compile (and export) only grids run as a 1x1 conv; tokens and rows take F.linear."""
+    prev = set_pointwise_backend("conv")
+    try:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        w = torch.randn(HID, DIM)
+        for x, batch, conv in [(torch.randn(1, 4, 5, DIM), None, True), (torch.randn(1, 9, DIM), None, False),
+                               (torch.randn(6, DIM), 2, False)]:
+            with torch.inference_mode(), OpNames() as ops:
+                pointwise(x, w, None, batch)
+            assert bool(ops.names & {"conv2d", "convolution"}) == conv, (x.shape, ops.names)
+    finally:
+        set_pointwise_backend(prev)
+
+
 def test_pointwise_backend_setting(monkeypatch):
     prev = set_pointwise_backend(None)
     try:
