@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import localify
-from localify.layers import LocalityLinear, LocalityMLP, pointwise_backend
+from localify.layers import LocalityLinear, LocalityMLP, PointwiseLinear, pointwise_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import CLOCKS, per_call, stable_allocator  # noqa: E402
@@ -63,6 +63,8 @@ def conv_call_floor(converted: torch.nn.Module) -> torch.nn.Module:
     for m in floor.modules():
         if type(m) is LocalityLinear and m.layout == "BNC":
             m.__class__ = ConvCallOnly
+        elif type(m) is PointwiseLinear:  # fc2 with the original's primitive
+            m.__class__ = torch.nn.Linear
     return floor
 
 

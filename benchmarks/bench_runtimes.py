@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import CLOCKS, rotating_rounds, stable_allocator  # noqa: E402
 from bench_overhead import conv_call_floor  # noqa: E402
 
-from localify.layers import pointwise, pointwise_backend  # noqa: E402
+from localify.layers import linear_rows, pointwise, pointwise_backend  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "ort")
 FLOOR_RUNTIMES = {"eager", "compile"}
@@ -92,9 +92,13 @@ def versions() -> str:
 
 
 class ConvPointwiseLinear(torch.nn.Linear):
-    """The original's MLP projections with the primitive the converted blocks use (1x1 conv or F.linear)."""
+    """The original's MLP projections with the primitive the converted blocks use: localify.layers.pointwise
+    (eager: the 1x1 conv where pointwise_backend() is 'conv'; under torch.compile tokens take F.linear, as in
+    the converted blocks), and in an exported graph the 1x1 conv, the form exported blocks hold."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and torch.compiler.is_exporting():
+            return linear_rows(x, self.weight, self.bias, x.shape[0])
         return pointwise(x, self.weight, self.bias)
 
 

@@ -60,13 +60,13 @@ from ._grid import GridSource, check_tokens
 from .errors import ConfigError, FuseError
 from .layers import (
     LocalifyModule,
+    capturing,
     copy_sharing_grid,
     fuse_locality_linear,
     pointwise,
     require_eval,
     rows_to_grid,
     tokens_around_grid,
-    tracing,
 )
 
 __all__ = [
@@ -448,8 +448,8 @@ class LocalViTFFN(LocalifyModule):
             return self._bn3(y, prm).view(b, n, -1)
         m = n - p - s
         if prm is not None:
-            if not torch.is_grad_enabled() and not tracing() and b == 1 and max(p, s) <= hw[1]:
-                return self._one_sample(x, hw, prm)  # no shape guard when exporting: tracing() first
+            if not torch.is_grad_enabled() and not capturing() and b == 1 and max(p, s) <= hw[1]:
+                return self._one_sample(x, hw, prm)  # eager only (see capturing()): checked before the shape
             # eval: the grid through the whole block as a map, the few extra tokens as rows, joined
             # out-wide (what an exported graph keeps in one layout)
             pre, grid, suf = x.split([p, m, s], dim=1)

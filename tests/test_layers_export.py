@@ -329,9 +329,27 @@ def test_locality_mlp_compiles_without_graph_breaks():
     assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(r.reason) for r in ex.break_reasons]
 
 
+def test_one_sample_paths_are_eager_only(monkeypatch):
+    """With one sample, eager mode runs fc1 once over every token (row-padded conv); while a graph is captured
+    the grid goes through the MLP as a (1, H, W, C) map and the extra tokens as rows, as for more samples."""
+    model = tiny_vit("dwconv", reg_tokens=1)
+    lin = model.blocks[0].mlp.fc1
+    seen = []
+    lin.register_forward_pre_hook(lambda m, args: seen.append(args[0].dim()))
+    x = img(1, 32, 48)
+    with torch.no_grad():
+        want = model(x)
+        assert seen == [3]
+        seen.clear()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert rel_err(model(x), want) <= 1e-5
+        assert seen == [4, 2]
+
+
 @pytest.mark.parametrize("variant", ["dwconv-fc1", "dwconv", "localvit-fused"])
 def test_compile_one_sample_matches_eager(variant):
-    """torch.compile takes the one-sample paths (row-padded conv): no graph break, same result."""
+    """torch.compile at batch 1 (the grid path; the fc1-only block keeps its row-padded conv): no graph break,
+    same result."""
     import torch._dynamo
 
     model = tiny_vit(variant, reg_tokens=1)
