@@ -198,7 +198,13 @@ def linear_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     channels-last view; the (B, H, W, out) result is a view of the (channels-last) conv output."""
     if not x.is_contiguous():  # the conv's input must be dense channels-last, or it reorders to NCHW
         x = x.contiguous()
-    return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
+    if tracing():
+        g = x.permute(0, 3, 1, 2)
+    else:  # explicit strides: under torch.compile a permuted view of one sample may get a batch stride of 0
+        # (a buffer reused in place), and oneDNN then runs the conv in NCHW with a copy in and out
+        b, h, w, c = x.shape
+        g = x.as_strided((b, c, h, w), (h * w * c, 1, w * c, c))
+    return F.conv2d(g, weight[:, :, None, None], bias).permute(0, 2, 3, 1)
 
 
 def _hook_free(m: nn.Module) -> bool:

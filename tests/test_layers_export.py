@@ -415,6 +415,16 @@ def test_pointwise_primitives_equal_linear(backend):
         assert rel_err(lin(t), F.linear(t, lin.weight, lin.bias)) <= 1e-6
 
 
+def test_pointwise_conv_of_one_sample_with_batch_stride_0_stays_channels_last():
+    """A one-sample grid whose batch stride is 0 (how torch.compile hands over a buffer reused in place) still
+    runs as a channels-last conv: the result is a dense (1, H, W, out) view, not a transposed NCHW output."""
+    g = torch.Generator().manual_seed(2)
+    w, bias = torch.randn(HID, DIM, generator=g), torch.randn(HID, generator=g)
+    x = torch.randn(4, 5, DIM, generator=g).as_strided((1, 4, 5, DIM), (0, 5 * DIM, DIM, 1))
+    y = linear_channels_last(x, w, bias)
+    assert y.is_contiguous() and rel_err(y, F.linear(x, w, bias)) <= 1e-6
+
+
 class OpNames(TorchDispatchMode):
     """The aten ops that run inside the context."""
 
