@@ -1,0 +1,233 @@
+"""The depth-wise conv with the MLP's activation inside (one oneDNN convolution with a post-op).
+
+``LocalityMLP`` runs the grid of a timm ``Mlp`` as fc1's projection, the conv with the activation applied in it,
+and fc2 (eager inference, :func:`localify.layers.conv_activation_fusion` on). The reference is computed here by
+hand from the block's weights (F.linear, F.conv2d, the activation module, F.linear); the path is taken only for
+the MLPs whose forward it reproduces, and never with autograd or in a captured graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import localify
+from localify.layers import (
+    LocalityMLP,
+    conv_activation_fusion,
+    onednn_activation,
+    set_conv_activation_fusion,
+    set_pointwise_backend,
+)
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")]
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2, num_classes=5, img_size=32, patch_size=8)  # 4x4 patches
+FUSED_OP = "_convolution_pointwise"
+ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU,
+        "silu": nn.SiLU, "hardswish": nn.Hardswish}
+# (timm kwargs, prefix tokens)
+TOKENS = {"cls": ({}, 1), "no_cls": ({"class_token": False, "global_pool": "avg"}, 0), "reg4": ({"reg_tokens": 4}, 5)}
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(params=["on", "off"])
+def fusion(request):
+    prev = set_conv_activation_fusion(request.param)
+    yield request.param == "on"
+    set_conv_activation_fusion(prev)
+
+
+@pytest.fixture(params=["conv", "linear"])
+def backend(request):
+    prev = set_pointwise_backend(request.param)
+    yield request.param
+    set_pointwise_backend(prev)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def converted(act: str = "gelu", tokens: str = "cls", variant: str = "dwconv", mlp_layer=Mlp, seed: int = 0,
+              **extra):
+    kw, _ = TOKENS[tokens]
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, act_layer=ACTS[act], mlp_layer=mlp_layer,
+                              **TINY, **kw, **extra).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        localify.localify(model, variant=variant, example_inputs=torch.randn(2, 3, 32, 32))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "dwconv"):
+                m.dwconv.weight.add_(torch.randn(m.dwconv.weight.shape, generator=g) * 0.3)
+    return model
+
+
+def reference_mlp(mlp: nn.Module, x: torch.Tensor, prefix: int, hw: tuple[int, int]) -> torch.Tensor:
+    """fc1 -> depth-wise conv over the grid tokens (prefix tokens skip it) -> act -> fc2, written out."""
+    fc1, conv = mlp.fc1.linear, mlp.fc1.dwconv
+    h = F.linear(x, fc1.weight, fc1.bias)
+    b, n, c = h.shape
+    grid = h[:, prefix:].transpose(1, 2).reshape(b, c, *hw)
+    grid = F.conv2d(grid, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups)
+    h = torch.cat([h[:, :prefix], grid.flatten(2).transpose(1, 2)], dim=1)
+    return F.linear(mlp.act(h), mlp.fc2.weight, mlp.fc2.bias)
+
+
+@pytest.mark.parametrize("tokens", list(TOKENS))
+@pytest.mark.parametrize("act", list(ACTS))
+def test_mlp_matches_the_reference_and_fuses_when_on(act, tokens, fusion, backend):
+    model = converted(act, tokens)
+    prefix = TOKENS[tokens][1]
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp, LocalityMLP) and mlp.conv_act_chain() is not None
+    mlp.grid_source.hw = (4, 4)  # the block alone: the grid its patch embedding would give
+    x = torch.randn(3, prefix + 16, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode(), OpNames() as ops:
+        y = mlp(x)
+    assert rel_err(y, reference_mlp(mlp, x, prefix, (4, 4))) <= 1e-5
+    assert (FUSED_OP in ops.names) == fusion, ops.names
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_whole_model_same_with_and_without_fusion(act):
+    model = converted(act, "reg4", dynamic_img_size=True)
+    x = torch.randn(4, 3, 40, 32, generator=torch.Generator().manual_seed(3))  # 5x4 patches: another grid
+    prev = set_conv_activation_fusion("off")
+    try:
+        with torch.no_grad():
+            ref = model(x)
+        set_conv_activation_fusion("on")
+        with torch.no_grad(), OpNames() as ops:
+            y = model(x)
+    finally:
+        set_conv_activation_fusion(prev)
+    assert FUSED_OP in ops.names
+    assert rel_err(y, ref) <= 1e-5
+
+
+class SubMlp(Mlp):
+    """Same forward; a subclass may override it, so it is not recognised."""
+
+
+def _hook_act(model):
+    model.blocks[0].mlp.act.register_forward_hook(lambda *a: None)
+
+
+def _hook_fc2(model):
+    model.blocks[0].mlp.fc2.register_forward_pre_hook(lambda *a: None)
+
+
+def _train_dropout(model):
+    model.blocks[0].mlp.drop1 = nn.Dropout(0.1)  # in training mode: it would drop under no_grad too
+
+
+@pytest.mark.parametrize("build, change", [
+    (lambda: converted(variant="residual"), None),  # h + dw(h): the post-op would skip the residual
+    (lambda: converted(mlp_layer=SubMlp), None),
+    (lambda: converted(mlp_layer=lambda *a, **k: Mlp(*a, **{**k, "norm_layer": nn.LayerNorm})), None),
+    (converted, _hook_act),
+    (converted, _hook_fc2),
+    (converted, _train_dropout),
+], ids=["residual", "subclass", "norm", "hooked_act", "hooked_fc2", "train_dropout"])
+def test_chain_refused_where_the_post_op_would_not_compute_the_forward(build, change, fusion):
+    model = build()
+    if change is not None:
+        change(model)
+        assert model.blocks[1].mlp.conv_act_chain() is not None  # control: the block left as it was
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp, LocalityMLP)
+    assert mlp.conv_act_chain() is None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with OpNames() as ops:
+            y = mlp_output(model, x)
+        prev = set_conv_activation_fusion("off")
+        try:
+            ref = mlp_output(model, x)
+        finally:
+            set_conv_activation_fusion(prev)
+    assert FUSED_OP not in ops.names or change is not None  # with a change, block 1 may still fuse
+    if change is not _train_dropout:
+        assert rel_err(y, ref) <= 1e-5
+
+
+def mlp_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Block 0's MLP output in a whole-model call, read at the module after it (a hook on the MLP itself
+    would make it run once on all tokens)."""
+    out = []
+    h = model.blocks[0].ls2.register_forward_hook(lambda m, a, y: out.append(a[0]))
+    try:
+        model(x)
+    finally:
+        h.remove()
+    return out[0]
+
+
+def test_onednn_activation_knows_exact_classes_only():
+    assert onednn_activation(nn.GELU()) == ("gelu", "none")
+    assert onednn_activation(nn.GELU(approximate="tanh")) == ("gelu", "tanh")
+    assert onednn_activation(nn.Tanh()) is None
+    assert onednn_activation(type("MyGELU", (nn.GELU,), {})()) is None
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda *a: None)
+    assert onednn_activation(hooked) is None
+
+
+def test_never_with_autograd_nor_in_a_captured_graph():
+    model = converted()
+    x = torch.randn(2, 3, 32, 32)
+    prev = set_conv_activation_fusion("on")
+    try:
+        with OpNames() as ops:  # grad enabled (eval mode): gradients must flow through the plain ops
+            model(x)
+        assert FUSED_OP not in ops.names
+        ep = torch.export.export(model, (x,), strict=False)
+        targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        assert not any(FUSED_OP in t for t in targets), targets
+        assert any("conv" in t for t in targets), targets
+    finally:
+        set_conv_activation_fusion(prev)
+
+
+def test_conv_activation_setting(monkeypatch):
+    prev = set_conv_activation_fusion(None)
+    try:
+        monkeypatch.setenv("LOCALIFY_CONV_ACT", "off")
+        set_conv_activation_fusion(None)  # the environment variable is read now (and at import)
+        assert conv_activation_fusion() is False
+        monkeypatch.setenv("LOCALIFY_CONV_ACT", "on")
+        assert conv_activation_fusion() is False  # not read on every call
+        set_conv_activation_fusion(None)
+        assert conv_activation_fusion() is True
+        with pytest.raises(ValueError, match="unknown conv-activation setting"):
+            set_conv_activation_fusion("yes")
+        assert conv_activation_fusion() is True
+        monkeypatch.setenv("LOCALIFY_CONV_ACT", "maybe")
+        with pytest.warns(UserWarning, match="LOCALIFY_CONV_ACT='maybe'"):
+            set_conv_activation_fusion(None)
+        assert conv_activation_fusion() in (True, False)
+    finally:
+        monkeypatch.delenv("LOCALIFY_CONV_ACT")
+        set_conv_activation_fusion(prev)
