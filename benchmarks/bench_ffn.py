@@ -30,7 +30,7 @@ import timm
 import torch
 
 import localify
-from localify.layers import pointwise_backend
+from localify.layers import conv_activation_fusion, pointwise_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import CLOCKS, per_call, rotating_rounds, stable_allocator  # noqa: E402
@@ -119,7 +119,8 @@ def main() -> None:
 
     design = "h-swish + SE hidden 4" if args.se else "h-swish, no channel attention"
     print(f"{args.model}, all blocks, localvit and reference: {design}, {args.threads} threads, 224x224, "
-          f"medians of interleaved rounds, point-wise backend {pointwise_backend()}; ratio to the original (ms)")
+          f"medians of interleaved rounds, point-wise backend {pointwise_backend()}, activation in the conv "
+          f"{'on' if conv_activation_fusion() else 'off'}; ratio to the original (ms)")
     print(f"{'':<20}" + "".join(f"{c:>20}" for c in cols))
     base = results["original"]
     for name, row in results.items():

@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 
 import localify
-from localify.layers import LocalityLinear, LocalityMLP, PointwiseLinear, pointwise_backend
+from localify.layers import (
+    LocalityLinear,
+    LocalityMLP,
+    PointwiseLinear,
+    conv_activation_fusion,
+    pointwise_backend,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import CLOCKS, per_call, stable_allocator  # noqa: E402
@@ -119,7 +125,8 @@ def main() -> None:
                  args.floor, args.timer)
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     print(f"{args.model}{extra}, variant={args.variant}, layers={args.layers}, {args.threads} threads, 224x224, "
-          f"inference, medians of {args.rounds} interleaved rounds, point-wise backend {pointwise_backend()}")
+          f"inference, medians of {args.rounds} interleaved rounds, point-wise backend {pointwise_backend()}, "
+          f"activation in the conv {'on' if conv_activation_fusion() else 'off'}")
     print(f"{'batch':>5} {'original ms':>12} {'converted ms':>13} {'ratio':>7} {'min/min':>8} {'paired':>7}"
           + (f" {'floor':>7}" if args.floor else ""))
     for r in rows:

@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stable import CLOCKS, rotating_rounds, stable_allocator  # noqa: E402
 from bench_overhead import conv_call_floor  # noqa: E402
 
-from localify.layers import linear_rows, pointwise, pointwise_backend  # noqa: E402
+from localify.layers import conv_activation_fusion, linear_rows, pointwise, pointwise_backend  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "ort")
 FLOOR_RUNTIMES = {"eager", "compile"}
@@ -348,7 +348,8 @@ def main() -> None:
         return
     t_start = time.perf_counter()
     print(f"{args.model}, random init, 224x224, {args.threads} threads, {args.timer} time; CPU: {cpu_model()} "
-          f"({os.cpu_count()} logical CPUs); point-wise backend: {pointwise_backend()}")
+          f"({os.cpu_count()} logical CPUs); point-wise backend: {pointwise_backend()}; "
+          f"activation in the depth-wise conv: {'on' if conv_activation_fusion() else 'off'}")
     print(versions())
     floor = bool(FLOOR_RUNTIMES & set(args.runtimes)) and not args.no_floor
     results = {}
