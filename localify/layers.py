@@ -28,6 +28,9 @@ Layout, measured on CPU (``benchmarks/bench_overhead.py``, ``benchmarks/bench_ru
   channels-last view (oneDNN), see :func:`pointwise_backend`. When ``torch.export`` traces the model (ONNX
   export) the 1x1-convolution form is always used: the exported graph then holds the hidden grid in one
   layout from fc1 to fc2 (ONNX Runtime folds the transposes of the narrow ends into its own reorders).
+* Where :func:`conv_activation_fusion` is on (Intel CPUs), :class:`LocalityMLP` runs the grid of a timm
+  ``Mlp`` in eager inference as the projection, one oneDNN convolution with the activation as a post-op, and
+  fc2 (:meth:`LocalityMLP.conv_act_chain`): the activation does not read the wide map again.
 """
 
 from __future__ import annotations
@@ -150,8 +153,10 @@ def _auto_backend() -> str:
     MKL takes a slower code path on AMD CPUs than oneDNN does. On an AMD EPYC (AVX-512) with torch 2.14 and 2
     threads, a (B x 14 x 14, 192) -> 768 projection ran 2.0-2.3x faster as a 1x1 convolution of the
     channels-last map than through ``F.linear`` at B = 16 (1.8x forward + backward) and 1.4-1.7x at B = 1;
-    with 1 thread 2.1x at B = 16 and 0.96x at B = 1. Where nothing was measured (Intel, ARM, other BLAS) the
-    model's own primitive is kept.
+    with 1 thread 2.1x at B = 16 and 0.96x at B = 1. On an Intel Xeon (AVX-512) the conv was the slower one:
+    (14 x 14, 192) -> 768 and back took 1.41x / 1.29x the ``F.linear`` time at B = 1 and 1.07x / 0.96x at
+    B = 16 with 2 threads (1.06x / 1.08x and 1.05x / 0.83x with 1 thread), so ``F.linear`` stays there. Where
+    nothing was measured (ARM, other BLAS) the model's own primitive is kept too.
     """
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()):
         return "linear"
@@ -184,7 +189,7 @@ class _Setting:
 
 
 # resolved at import (never inside a compiled region: torch.compile cannot trace the CPU checks)
-_pointwise = _Setting(POINTWISE_ENV, "point-wise backend", POINTWISE_BACKENDS, lambda: _auto_backend())
+_pointwise = _Setting(POINTWISE_ENV, "point-wise backend", POINTWISE_BACKENDS, _auto_backend)
 
 
 def pointwise_backend() -> str:
