@@ -41,3 +41,13 @@ def offline_hf_cache(tmp_path, monkeypatch):
         save_file({k: v.contiguous() for k, v in state.items()}, str(repo / "snapshots" / commit / "model.safetensors"))
 
     return put
+
+
+@pytest.fixture(params=["conv", "linear"])
+def backend(request):
+    """Both point-wise primitives (1x1 conv of a channels-last view, F.linear), whatever this CPU picks."""
+    from localify.layers import set_pointwise_backend
+
+    prev = set_pointwise_backend(request.param)
+    yield request.param
+    set_pointwise_backend(prev)

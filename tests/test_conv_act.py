@@ -14,17 +14,15 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from op_names import OpNames
 from timm.layers import Mlp
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import localify
 from localify.layers import (
     LocalityMLP,
-    conv_activation_fusion,
     onednn_activation,
     set_conv_activation_fusion,
-    set_pointwise_backend,
 )
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -38,28 +36,11 @@ ACTS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tan
 TOKENS = {"cls": ({}, 1), "no_cls": ({"class_token": False, "global_pool": "avg"}, 0), "reg4": ({"reg_tokens": 4}, 5)}
 
 
-class OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture(params=["on", "off"])
 def fusion(request):
     prev = set_conv_activation_fusion(request.param)
     yield request.param == "on"
     set_conv_activation_fusion(prev)
-
-
-@pytest.fixture(params=["conv", "linear"])
-def backend(request):
-    prev = set_pointwise_backend(request.param)
-    yield request.param
-    set_pointwise_backend(prev)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -208,26 +189,4 @@ def test_never_with_autograd_nor_in_a_captured_graph():
         assert not any(FUSED_OP in t for t in targets), targets
         assert any("conv" in t for t in targets), targets
     finally:
-        set_conv_activation_fusion(prev)
-
-
-def test_conv_activation_setting(monkeypatch):
-    prev = set_conv_activation_fusion(None)
-    try:
-        monkeypatch.setenv("LOCALIFY_CONV_ACT", "off")
-        set_conv_activation_fusion(None)  # the environment variable is read now (and at import)
-        assert conv_activation_fusion() is False
-        monkeypatch.setenv("LOCALIFY_CONV_ACT", "on")
-        assert conv_activation_fusion() is False  # not read on every call
-        set_conv_activation_fusion(None)
-        assert conv_activation_fusion() is True
-        with pytest.raises(ValueError, match="unknown conv-activation setting"):
-            set_conv_activation_fusion("yes")
-        assert conv_activation_fusion() is True
-        monkeypatch.setenv("LOCALIFY_CONV_ACT", "maybe")
-        with pytest.warns(UserWarning, match="LOCALIFY_CONV_ACT='maybe'"):
-            set_conv_activation_fusion(None)
-        assert conv_activation_fusion() in (True, False)
-    finally:
-        monkeypatch.delenv("LOCALIFY_CONV_ACT")
         set_conv_activation_fusion(prev)

@@ -31,14 +31,6 @@ TOKENS = [("BNC", 0, 0), ("BNC", 1, 0), ("BNC", 0, 2), ("BNC", 4, 1), ("BHWC", 0
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(params=["conv", "linear"])
-def backend(request):
-    """Both point-wise primitives (1x1 conv of a channels-last view, F.linear), whatever this CPU picks."""
-    prev = set_pointwise_backend(request.param)
-    yield request.param
-    set_pointwise_backend(prev)
-
-
 def static_grid(hw=(H, W)) -> GridSource:
     return GridSource(GridSpec(kind="static", static=hw))
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fc1_only import splice_fc1_only
+from op_names import OpNames
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import localify
 from localify._grid import GridSource, GridSpec
@@ -28,12 +28,14 @@ from localify.layers import (
     LocalityLinear,
     LocalityMLP,
     PointwiseLinear,
+    conv_activation_fusion,
     linear_channels_last,
     linear_rows,
     per_token_module,
     pointwise,
     pointwise_backend,
     pointwise_replacement,
+    set_conv_activation_fusion,
     set_pointwise_backend,
 )
 
@@ -45,13 +47,6 @@ SIZES = [(1, 32, 48), (2, 48, 32), (3, 56, 40)]  # (batch, H, W) in pixels: 4x6,
 BACKENDS = ["conv", "linear"]
 # (prefix, suffix) of the block-level tests
 TOKENS = [(0, 0), (1, 0), (2, 3), (0, 1)]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    prev = set_pointwise_backend(request.param)
-    yield request.param
-    set_pointwise_backend(prev)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -425,18 +420,6 @@ def test_pointwise_conv_of_one_sample_with_batch_stride_0_stays_channels_last():
     assert y.is_contiguous() and rel_err(y, F.linear(x, w, bias)) <= 1e-6
 
 
-class OpNames(TorchDispatchMode):
-    """The aten ops that run inside the context."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("shape, batch", [((1, 4, 5, DIM), None), ((2, 4, 5, DIM), None), ((1, 9, DIM), None),
                                           ((3, 9, DIM), None), ((12, DIM), 3), ((1, DIM), 1), ((5, DIM), None)])
 def test_pointwise_runs_the_chosen_primitive_at_every_batch(backend, shape, batch):
@@ -470,30 +453,43 @@ def test_pointwise_tokens_take_linear_when_compiled(monkeypatch):
         set_pointwise_backend(prev)
 
 
-def test_pointwise_backend_setting(monkeypatch):
-    prev = set_pointwise_backend(None)
+# (setter, getter, environment variable, (value a, value b), what an unknown name is called)
+SETTINGS = {
+    "pointwise": (set_pointwise_backend, pointwise_backend, "LOCALIFY_POINTWISE", ("linear", "conv"),
+                  "point-wise backend"),
+    "conv_act": (set_conv_activation_fusion, lambda: "on" if conv_activation_fusion() else "off",
+                 "LOCALIFY_CONV_ACT", ("off", "on"), "conv-activation setting"),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_cpu_dependent_settings(monkeypatch, name):
+    """Both CPU-dependent choices: set by a function, else by the environment variable as read at import or at
+    the last set(None), else auto; an unknown name raises (setter) or warns and falls back to auto (variable)."""
+    set_, get, env, (a, b), what = SETTINGS[name]
+    prev = set_(None)
     try:
-        monkeypatch.setenv("LOCALIFY_POINTWISE", "linear")
-        set_pointwise_backend(None)  # the environment variable is read now (and at import)
-        assert pointwise_backend() == "linear"
-        monkeypatch.setenv("LOCALIFY_POINTWISE", "conv")
-        assert pointwise_backend() == "linear"  # not read on every call
-        set_pointwise_backend(None)
-        assert pointwise_backend() == "conv"
-        set_pointwise_backend("linear")
-        assert pointwise_backend() == "linear"
-        with pytest.raises(ValueError, match="unknown point-wise backend"):
-            set_pointwise_backend("gemm")
-        assert pointwise_backend() == "linear"
-        set_pointwise_backend("auto")
-        assert pointwise_backend() in ("conv", "linear")
-        monkeypatch.setenv("LOCALIFY_POINTWISE", "gemm")
-        with pytest.warns(UserWarning, match="LOCALIFY_POINTWISE='gemm'"):
-            set_pointwise_backend(None)
-        assert pointwise_backend() in ("conv", "linear")
+        monkeypatch.setenv(env, a)
+        set_(None)  # the environment variable is read now (and at import)
+        assert get() == a
+        monkeypatch.setenv(env, b)
+        assert get() == a  # not read on every call
+        set_(None)
+        assert get() == b
+        set_(a)
+        assert get() == a
+        with pytest.raises(ValueError, match=f"unknown {what}"):
+            set_("gemm")
+        assert get() == a
+        set_("auto")
+        assert get() in (a, b)
+        monkeypatch.setenv(env, "gemm")
+        with pytest.warns(UserWarning, match=f"{env}='gemm'"):
+            set_(None)
+        assert get() in (a, b)
     finally:
-        monkeypatch.delenv("LOCALIFY_POINTWISE")
-        set_pointwise_backend(prev)
+        monkeypatch.delenv(env)
+        set_(prev)
 
 
 def test_first_compiled_call_has_no_graph_break():
