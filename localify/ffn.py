@@ -61,8 +61,11 @@ from .errors import ConfigError, FuseError
 from .layers import (
     LocalifyModule,
     capturing,
+    conv_act_applies,
     copy_sharing_grid,
+    depthwise_act,
     fuse_locality_linear,
+    onednn_activation,
     pointwise,
     require_eval,
     rows_to_grid,
@@ -388,6 +391,16 @@ class LocalViTFFN(LocalifyModule):
         k = self.dwconv.kernel_size[0] // 2
         return F.conv2d(g, prm.w_dw, prm.b_dw, 1, (k + pad_rows, k), 1, self.dwconv.groups)
 
+    def _dw_act(self, g: torch.Tensor, prm: FoldedParams, pad_rows: int = 0) -> torch.Tensor:
+        """act(BN2(dw(g))) with the folded weights: in eager inference where the activation is one oneDNN
+        knows, a single convolution with it inside (:func:`~localify.layers.depthwise_act`); else the conv,
+        then the activation (in place without autograd)."""
+        act = onednn_activation(self.act) if conv_act_applies(g) else None
+        if act is None:
+            return self._act(self._dw(g, prm, pad_rows))
+        k = self.dwconv.kernel_size[0] // 2
+        return depthwise_act(g, prm.w_dw, prm.b_dw, (k + pad_rows, k), self.dwconv.groups, act)
+
     def _spatial(self, rows: torch.Tensor, b: Any, hw: tuple[Any, Any], prm: FoldedParams | None) -> torch.Tensor:
         """(B*H*W, hid) contiguous grid rows -> depth-wise conv, BN, act, attention -> (B, H*W, hid)."""
         c = rows.shape[-1]
@@ -408,7 +421,7 @@ class LocalViTFFN(LocalifyModule):
         """
         n, p, s = x.shape[1], self.prefix, self.suffix
         h = self._act(pointwise(x.reshape(n, -1), prm.w1, prm.b1, 1))  # (N, hid)
-        t = self._act(self._dw(rows_to_grid(h, p, hw), prm, pad_rows=1))
+        t = self._dw_act(rows_to_grid(h, p, hw), prm, pad_rows=1)
         t = t.permute(0, 2, 3, 1).flatten(1, 2)  # (1, (H + 2) * W, hid), a view
         if self.attn is not None:
             self.attn(t.narrow(1, hw[1], n - p - s), inplace=True)
@@ -423,7 +436,7 @@ class LocalViTFFN(LocalifyModule):
         """
         h = pointwise(g, prm.w1, prm.b1).permute(0, 3, 1, 2)
         # (B, hid, H, W) channels-last from here to fc2: activations, conv and attention on the map
-        t = self._act(self._dw(self._act(h), prm))
+        t = self._dw_act(self._act(h), prm)
         if self.attn is not None:
             t = self.attn(t, inplace=not torch.is_grad_enabled())
         return pointwise(t.permute(0, 2, 3, 1), prm.w2, prm.b2)

@@ -68,6 +68,8 @@ __all__ = [
     "use_conv_pointwise",
     "per_token_module",
     "onednn_activation",
+    "conv_act_applies",
+    "depthwise_act",
     "pointwise_replacement",
 ]
 
@@ -447,14 +449,12 @@ class LocalityLinear(LocalifyModule):
         return y
 
     def conv_act(self, h: torch.Tensor, act: tuple[str, str | None]) -> torch.Tensor:
-        """The depth-wise conv of a projected (B, H, W, C) map ``h`` with the activation ``act`` (from
-        :func:`onednn_activation`) applied inside it, as one oneDNN convolution with a post-op: the wide map is
-        written once, activated (eager inference, non-residual, ``_plain_conv()``; :meth:`LocalityMLP._grid`).
+        """The depth-wise conv of a projected (B, H, W, C) map ``h`` with the activation ``act`` inside it
+        (:func:`depthwise_act`; non-residual, ``_plain_conv()``, stride 1: :meth:`LocalityMLP.conv_act_chain`).
         The result is a (B, H, W, C) view of the channels-last conv output."""
         conv = self.dwconv
-        y = torch.ops.mkldnn._convolution_pointwise(h.permute(0, 3, 1, 2), conv.weight, conv.bias, conv.padding,
-                                                    conv.stride, conv.dilation, conv.groups, act[0], [], act[1])
-        return y.permute(0, 2, 3, 1)
+        return depthwise_act(h.permute(0, 3, 1, 2), conv.weight, conv.bias, conv.padding, conv.groups,
+                             act).permute(0, 2, 3, 1)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """The projection of a (B, H, W, C) grid or (B, N, C) tokens (:func:`pointwise`: a view of a
@@ -531,8 +531,23 @@ def onednn_activation(act: nn.Module) -> tuple[str, str | None] | None:
     return {nn.ReLU: ("relu", None), nn.SiLU: ("swish", None), nn.Hardswish: ("hardswish", None)}.get(t)
 
 
-def _onednn() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+def conv_act_applies(x: torch.Tensor) -> bool:
+    """Whether a depth-wise conv of ``x`` may run with the activation inside (:func:`depthwise_act`): eager
+    inference (no autograd, no graph capture or export) on a float32 CPU tensor, with oneDNN enabled and
+    :func:`conv_activation_fusion` on."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not capturing() and not tracing() and conv_activation_fusion()
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def depthwise_act(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Any, groups: int,
+                  act: tuple[str, str | None]) -> torch.Tensor:
+    """``act(F.conv2d(g, weight, bias, 1, padding, 1, groups))`` as one oneDNN convolution with the activation
+    as a post-op (``act`` from :func:`onednn_activation`): the conv output is written once, activated, instead
+    of being read again by the activation. ``g`` is (B, C, H, W), channels-last for a channels-last result.
+    Only where :func:`conv_act_applies` (the op has no autograd and is not exported)."""
+    return torch.ops.mkldnn._convolution_pointwise(g, weight, bias, list(padding), [1, 1], [1, 1], groups,
+                                                   act[0], [], act[1])
 
 
 # --- LocalityMLP -----------------------------------------------------------------------------------------
@@ -626,8 +641,10 @@ class LocalityMLP(nn.Module):
         if timm_mlp is None or type(mlp) is not getattr(timm_mlp, "Mlp", None):
             return None
         fc1, fc2, rest = mlp.fc1, mlp.fc2, (mlp.drop1, mlp.norm, mlp.drop2)
-        if not (type(fc1) is LocalityLinear and not fc1.residual and fc1.layout == "BNC" and _hook_free(fc1)
-                and fc1._plain_linear() and fc1._plain_conv() and fc1.dwconv.padding_mode == "zeros"):
+        conv = fc1.dwconv if type(fc1) is LocalityLinear else None
+        if not (conv is not None and not fc1.residual and fc1.layout == "BNC" and _hook_free(fc1)
+                and fc1._plain_linear() and fc1._plain_conv() and conv.padding_mode == "zeros"
+                and conv.stride == (1, 1) and conv.dilation == (1, 1)):
             return None
         if type(fc2) not in (nn.Linear, PointwiseLinear) or not all(map(_hook_free, (fc2, *rest))):
             return None
@@ -642,9 +659,7 @@ class LocalityMLP(nn.Module):
         """The MLP on a (B, H, W, C) grid map: in eager inference on CPU float32 with
         :func:`conv_activation_fusion` on and a :meth:`conv_act_chain`, as fc1's projection, the conv with the
         activation inside and fc2; otherwise the MLP's own forward."""
-        if (not args and not kwargs and g.device.type == "cpu" and g.dtype == torch.float32
-                and not torch.is_grad_enabled() and not capturing() and not tracing()
-                and conv_activation_fusion() and _onednn()):
+        if not args and not kwargs and conv_act_applies(g):
             chain = self.conv_act_chain()
             if chain is not None:
                 fc1, act, fc2 = chain

@@ -190,3 +190,36 @@ def test_never_with_autograd_nor_in_a_captured_graph():
         assert any("conv" in t for t in targets), targets
     finally:
         set_conv_activation_fusion(prev)
+
+
+@pytest.mark.parametrize("act", ["hswish", "gelu", "relu"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_localvit_block_same_with_and_without_fusion(act, batch):
+    """LocalViTFFN after fuse(): the second activation inside the depth-wise conv (one sample: the row-padded
+    conv; more: the grid map), same outputs as the conv and the activation apart."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **TINY, reg_tokens=2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        localify.localify(model, variant="localvit", act=act, example_inputs=torch.randn(2, 3, 32, 32))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if hasattr(m, "dwconv"):
+                m.dwconv.weight.add_(torch.randn(m.dwconv.weight.shape, generator=g) * 0.3)
+    model = localify.fuse(model)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    prev = set_conv_activation_fusion("off")
+    try:
+        with torch.inference_mode(), OpNames() as off:
+            ref = model(x)
+        set_conv_activation_fusion("on")
+        with torch.inference_mode(), OpNames() as on:
+            y = model(x)
+    finally:
+        set_conv_activation_fusion(prev)
+    assert FUSED_OP in on.names and FUSED_OP not in off.names
+    assert rel_err(y, ref) <= 1e-5
