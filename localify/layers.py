@@ -30,7 +30,9 @@ Layout, measured on CPU (``benchmarks/bench_overhead.py``, ``benchmarks/bench_ru
   layout from fc1 to fc2 (ONNX Runtime folds the transposes of the narrow ends into its own reorders).
 * Where :func:`conv_activation_fusion` is on (Intel CPUs), :class:`LocalityMLP` runs the grid of a timm
   ``Mlp`` in eager inference as the projection, one oneDNN convolution with the activation as a post-op, and
-  fc2 (:meth:`LocalityMLP.conv_act_chain`): the activation does not read the wide map again.
+  fc2 (:meth:`LocalityMLP.conv_act_chain`): the activation does not read the wide map again. A fused
+  ``LocalViTFFN`` applies its second activation the same way (:func:`depthwise_act`). Both only with more
+  than one sample: with one, the map is in cache and the post-op measured slower.
 """
 
 from __future__ import annotations
