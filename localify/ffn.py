@@ -421,8 +421,7 @@ class LocalViTFFN(LocalifyModule):
         """
         n, p, s = x.shape[1], self.prefix, self.suffix
         h = self._act(pointwise(x.reshape(n, -1), prm.w1, prm.b1, 1))  # (N, hid)
-        # the activation apart, in place: at one sample the map is in cache and oneDNN's post-op measured
-        # 3-4% slower over the model (Intel Xeon), unlike at batch 16 (_grid_eval)
+        # the activation apart, in place (see conv_act_applies: one sample)
         t = self._act(self._dw(rows_to_grid(h, p, hw), prm, pad_rows=1))
         t = t.permute(0, 2, 3, 1).flatten(1, 2)  # (1, (H + 2) * W, hid), a view
         if self.attn is not None:

@@ -535,9 +535,11 @@ def onednn_activation(act: nn.Module) -> tuple[str, str | None] | None:
 
 def conv_act_applies(x: torch.Tensor) -> bool:
     """Whether a depth-wise conv of ``x`` may run with the activation inside (:func:`depthwise_act`): eager
-    inference (no autograd, no graph capture or export) on a float32 CPU tensor, with oneDNN enabled and
+    inference (no autograd, no graph capture or export) on a float32 CPU tensor of more than one sample (with
+    one the map is in cache, and the post-op measured slower), with oneDNN enabled and
     :func:`conv_activation_fusion` on."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and x.shape[0] > 1
             and not capturing() and not tracing() and conv_activation_fusion()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 

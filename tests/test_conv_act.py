@@ -224,3 +224,17 @@ def test_localvit_block_same_with_and_without_fusion(act, batch):
         set_conv_activation_fusion(prev)
     assert (FUSED_OP in on.names) == (batch > 1) and FUSED_OP not in off.names
     assert rel_err(y, ref) <= 1e-5
+
+
+def test_one_sample_keeps_the_activation_apart():
+    """Batch 1 (here without extra tokens, where the grid path would otherwise apply): no post-op."""
+    model = converted("gelu", "no_cls")
+    prev = set_conv_activation_fusion("on")
+    try:
+        with torch.inference_mode(), OpNames() as one:
+            model(torch.randn(1, 3, 32, 32))
+        with torch.inference_mode(), OpNames() as two:
+            model(torch.randn(2, 3, 32, 32))
+    finally:
+        set_conv_activation_fusion(prev)
+    assert FUSED_OP not in one.names and FUSED_OP in two.names
