@@ -76,6 +76,20 @@ def reference_mlp(mlp: nn.Module, x: torch.Tensor, prefix: int, hw: tuple[int, i
     return F.linear(mlp.act(h), mlp.fc2.weight, mlp.fc2.bias)
 
 
+def off_then_on(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set, torch.Tensor, set]:
+    """``model(x)`` in inference with the post-op off, then on: (output, ops that ran) of each."""
+    prev = set_conv_activation_fusion("off")
+    try:
+        with torch.inference_mode(), OpNames() as off:
+            ref = model(x)
+        set_conv_activation_fusion("on")
+        with torch.inference_mode(), OpNames() as on:
+            y = model(x)
+    finally:
+        set_conv_activation_fusion(prev)
+    return ref, off.names, y, on.names
+
+
 @pytest.mark.parametrize("tokens", list(TOKENS))
 @pytest.mark.parametrize("act", list(ACTS))
 def test_mlp_matches_the_reference_and_fuses_when_on(act, tokens, fusion, backend):
@@ -95,16 +109,8 @@ def test_mlp_matches_the_reference_and_fuses_when_on(act, tokens, fusion, backen
 def test_whole_model_same_with_and_without_fusion(act):
     model = converted(act, "reg4", dynamic_img_size=True)
     x = torch.randn(4, 3, 40, 32, generator=torch.Generator().manual_seed(3))  # 5x4 patches: another grid
-    prev = set_conv_activation_fusion("off")
-    try:
-        with torch.no_grad():
-            ref = model(x)
-        set_conv_activation_fusion("on")
-        with torch.no_grad(), OpNames() as ops:
-            y = model(x)
-    finally:
-        set_conv_activation_fusion(prev)
-    assert FUSED_OP in ops.names
+    ref, off, y, on = off_then_on(model, x)
+    assert FUSED_OP in on and FUSED_OP not in off
     assert rel_err(y, ref) <= 1e-5
 
 
@@ -213,16 +219,8 @@ def test_localvit_block_same_with_and_without_fusion(act, batch):
                 m.dwconv.weight.add_(torch.randn(m.dwconv.weight.shape, generator=g) * 0.3)
     model = localify.fuse(model)
     x = torch.randn(batch, 3, 32, 32, generator=g)
-    prev = set_conv_activation_fusion("off")
-    try:
-        with torch.inference_mode(), OpNames() as off:
-            ref = model(x)
-        set_conv_activation_fusion("on")
-        with torch.inference_mode(), OpNames() as on:
-            y = model(x)
-    finally:
-        set_conv_activation_fusion(prev)
-    assert (FUSED_OP in on.names) == (batch > 1) and FUSED_OP not in off.names
+    ref, off, y, on = off_then_on(model, x)
+    assert (FUSED_OP in on) == (batch > 1) and FUSED_OP not in off
     assert rel_err(y, ref) <= 1e-5
 
 
