@@ -65,6 +65,7 @@ from .layers import (
     copy_sharing_grid,
     depthwise_act,
     fuse_locality_linear,
+    nchw_view,
     onednn_activation,
     pointwise,
     require_eval,
@@ -312,8 +313,9 @@ class LocalViTFFN(LocalifyModule):
 
     def _act(self, t: torch.Tensor) -> torch.Tensor:
         # Without autograd the activations (and the attention's scaling) run in place on the fresh tensors
-        # of this block: fewer large allocations in eager inference. torch.compile guards on grad mode.
-        if not torch.is_grad_enabled():
+        # of this block: fewer large allocations in eager inference. Not under torch.compile, which plans
+        # its buffers itself and cannot mutate the explicit-strided view of nchw_view() in place.
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             fn = _INPLACE_ACTS.get(self.act_name)
             if fn is not None and type(self.act) is ACTIVATIONS[self.act_name]:
                 return fn(t, inplace=True)
@@ -435,7 +437,7 @@ class LocalViTFFN(LocalifyModule):
         convolutions or ``F.linear`` (:func:`~localify.layers.pointwise`; always the former in an
         exported graph, whose hidden map then keeps one layout from the first projection to the last).
         """
-        h = pointwise(g, prm.w1, prm.b1).permute(0, 3, 1, 2)
+        h = nchw_view(pointwise(g, prm.w1, prm.b1))
         # (B, hid, H, W) channels-last from here to fc2: activations, conv and attention on the map
         t = self._dw_act(self._act(h), prm)
         if self.attn is not None:
