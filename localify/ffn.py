@@ -406,7 +406,7 @@ class LocalViTFFN(LocalifyModule):
     def _spatial(self, rows: torch.Tensor, b: Any, hw: tuple[Any, Any], prm: FoldedParams | None) -> torch.Tensor:
         """(B*H*W, hid) contiguous grid rows -> depth-wise conv, BN, act, attention -> (B, H*W, hid)."""
         c = rows.shape[-1]
-        g = rows.view(b, hw[0], hw[1], c).permute(0, 3, 1, 2)  # channels-last view, no copy
+        g = nchw_view(rows.view(b, hw[0], hw[1], c))  # channels-last view, no copy
         g = self._dw(g, prm)  # channels-last in -> channels-last out
         t = g.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels-last output
         t = self._act(t if prm is not None else self._bn(self.bn2, t)).view(b, -1, c)

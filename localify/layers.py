@@ -465,7 +465,7 @@ class LocalityLinear(LocalifyModule):
         (:func:`depthwise_act`; non-residual, ``_plain_conv()``, stride 1: :meth:`LocalityMLP.conv_act_chain`).
         The result is a (B, H, W, C) view of the channels-last conv output."""
         conv = self.dwconv
-        return depthwise_act(h.permute(0, 3, 1, 2), conv.weight, conv.bias, conv.padding, conv.groups,
+        return depthwise_act(nchw_view(h), conv.weight, conv.bias, conv.padding, conv.groups,
                              act).permute(0, 2, 3, 1)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
@@ -508,7 +508,7 @@ class LocalityLinear(LocalifyModule):
             # Inference: the row-padded conv as for one sample; every sample's tokens are a dense block of
             # its padded output, so the result is a view with a batch stride of (H + 2) * W tokens (what
             # comes next, the activation, reads it in one pass) and nothing wide is concatenated.
-            y = grid_to_tokens(self._conv_padded(self._project(grid).permute(0, 3, 1, 2)))
+            y = grid_to_tokens(self._conv_padded(nchw_view(self._project(grid))))
             out = y.narrow(1, hw[1] - p, n)
             if p:
                 out.narrow(1, 0, p).copy_(self._rows(x[:, :p]))
