@@ -550,7 +550,7 @@ def conv_act_applies(x: torch.Tensor) -> bool:
     :func:`conv_activation_fusion` on."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and x.shape[0] > 1
-            and not capturing() and not tracing() and conv_activation_fusion()
+            and not capturing() and conv_activation_fusion()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
@@ -768,11 +768,9 @@ def capturing() -> bool:
 
 def rows_to_grid(h: torch.Tensor, start: int, hw: tuple[int, int]) -> torch.Tensor:
     """Rows ``start .. start + H*W`` of one sample's tokens ``h`` ((N, C) or (1, N, C)) as a (1, C, H, W)
-    channels-last view. Written with explicit strides: under torch.compile a plain view gives the size-1
-    batch dim stride 0, and oneDNN then runs the conv in NCHW and returns NCHW (a transposing copy after it)."""
+    channels-last view (:func:`nchw_view`)."""
     c, (gh, gw) = h.shape[-1], hw
-    flat = h.reshape(-1)[start * c:]  # as_strided without an offset keeps this view's own storage offset
-    return flat.as_strided((1, c, gh, gw), (gh * gw * c, 1, gw * c, c))
+    return nchw_view(h.reshape(-1).narrow(0, start * c, gh * gw * c).view(1, gh, gw, c))
 
 
 def fuse_locality_linear(m: LocalityLinear) -> LocalityLinear:
