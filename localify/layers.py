@@ -40,7 +40,10 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import statistics
 import sys
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -62,6 +65,7 @@ __all__ = [
     "grid_to_tokens",
     "pointwise_backend",
     "set_pointwise_backend",
+    "pointwise_measurements",
     "conv_activation_fusion",
     "set_conv_activation_fusion",
     "linear_channels_last",
@@ -76,7 +80,7 @@ __all__ = [
 ]
 
 POINTWISE_ENV = "LOCALIFY_POINTWISE"
-POINTWISE_BACKENDS = ("auto", "conv", "linear")
+POINTWISE_BACKENDS = ("auto", "conv", "linear", "measure")
 CONV_ACT_ENV = "LOCALIFY_CONV_ACT"
 CONV_ACT_CHOICES = ("auto", "on", "off")
 
@@ -211,7 +215,48 @@ class _Setting:
 
 
 # resolved at import (never inside a compiled region: torch.compile cannot trace the CPU checks)
-_pointwise = _Setting(POINTWISE_ENV, "point-wise backend", POINTWISE_BACKENDS, _auto_backend)
+_AUTO_POINTWISE = _auto_backend()
+_pointwise = _Setting(POINTWISE_ENV, "point-wise backend", POINTWISE_BACKENDS, lambda: _AUTO_POINTWISE)
+
+
+class _Measured:
+    """``measure`` mode of :func:`pointwise`: for each kind of call (input shape and contiguity, weight shape,
+    bias, ``batch``, grad mode, thread count) the first calls alternate between the two primitives, each call
+    timed where it runs in the model (caches and threads as they are there, which a loop of its own does not
+    reproduce); after ``trials`` calls of each, the one with the lower median is kept for that kind of call.
+    Thread-safe: concurrent calls may add samples to the same kind; the choice is made once."""
+
+    trials = 7
+
+    def __init__(self) -> None:
+        self.clock = time.perf_counter  # replaced by tests
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.samples: dict[tuple, tuple[list[float], list[float]]] = {}
+            self.choice: dict[tuple, bool] = {}  # True: conv
+
+    def run(self, key: tuple, conv: Any, linear: Any) -> torch.Tensor:
+        chosen = self.choice.get(key)
+        if chosen is not None:
+            return conv() if chosen else linear()
+        with self.lock:
+            conv_t, lin_t = self.samples.setdefault(key, ([], []))
+            use_conv = len(conv_t) <= len(lin_t)
+        t = self.clock()
+        y = conv() if use_conv else linear()
+        t = self.clock() - t
+        with self.lock:
+            (conv_t if use_conv else lin_t).append(t)
+            if key not in self.choice and min(len(conv_t), len(lin_t)) >= self.trials:
+                self.choice[key] = statistics.median(conv_t) < statistics.median(lin_t)
+                del self.samples[key]
+        return y
+
+
+_measured = _Measured()
 
 
 def pointwise_backend() -> str:
@@ -220,18 +265,36 @@ def pointwise_backend() -> str:
     ``linear`` is ``F.linear`` (MKL's sgemm on x86 builds); ``conv`` is a 1x1 ``F.conv2d`` of the grid's
     channels-last view (oneDNN). Both compute the same product (float rounding aside, about 1e-7 relative).
     Set by :func:`set_pointwise_backend`, else by the ``LOCALIFY_POINTWISE`` environment variable (``conv``,
-    ``linear`` or ``auto``) as it was when localify was imported, else ``auto``: ``conv`` on AMD CPUs with an
-    MKL build, ``linear`` elsewhere. ``conv`` applies to float32 CPU tensors. Under ``torch.export`` (ONNX
-    export) the 1x1-conv form is always used. :func:`pointwise` is where the choice is applied.
+    ``linear``, ``measure`` or ``auto``) as it was when localify was imported, else ``auto``: ``conv`` on AMD
+    CPUs with an MKL build, ``linear`` elsewhere. ``conv`` applies to float32 CPU tensors. Under
+    ``torch.export`` (ONNX export) the 1x1-conv form is always used. :func:`pointwise` is where the choice is
+    applied.
+
+    ``measure`` (opt-in, like ``torch.backends.cudnn.benchmark``): in eager mode the first calls of each kind
+    (shapes, batch, grad mode, thread count) alternate between both primitives, timed where they run in the
+    model, and the faster is kept from then on (:func:`pointwise_measurements`); the first forward passes
+    then mix both, so their outputs differ from later ones by float rounding (about 1e-7 relative), and two
+    processes may choose differently. Only the forward is timed. Under ``torch.compile`` it acts as ``auto``.
+    Measured on an AMD EPYC (Zen 4, 2 threads) whose ``auto`` choice, the conv, was the slower one at batch
+    1 and the faster at batch 16. Setting the backend again (to anything) clears the measurements.
     """
     return _pointwise.value
 
 
 def set_pointwise_backend(name: str | None) -> str | None:
-    """Choose the eager point-wise primitive (``conv``, ``linear``, ``auto``; None: back to the
+    """Choose the eager point-wise primitive (``conv``, ``linear``, ``measure``, ``auto``; None: back to the
     ``LOCALIFY_POINTWISE`` environment variable, read now, or ``auto``). Returns the previous setting.
     See :func:`pointwise_backend`."""
-    return _pointwise.set(name)
+    prev = _pointwise.set(name)
+    _measured.reset()
+    return prev
+
+
+def pointwise_measurements() -> dict[tuple, str]:
+    """What ``measure`` mode (:func:`pointwise_backend`) chose so far: ``{kind of call: "conv" | "linear"}``,
+    a kind being (input shape, contiguous, weight shape, bias, batch, grad enabled, threads)."""
+    with _measured.lock:
+        return {k: "conv" if v else "linear" for k, v in _measured.choice.items()}
 
 
 def _auto_conv_act() -> str:
@@ -283,10 +346,16 @@ def exporting() -> bool:
 def use_conv_pointwise(x: torch.Tensor) -> bool:
     """Whether a point-wise projection of ``x`` runs as a 1x1 convolution (see :func:`pointwise`): always
     under ``torch.export``; in eager mode and under ``torch.compile`` when :func:`pointwise_backend` is
-    ``conv``, for float32 CPU tensors."""
+    ``conv``, for float32 CPU tensors. With ``measure`` it tells whether the conv is a candidate (eager; under
+    ``torch.compile`` the ``auto`` choice)."""
     if exporting():
         return True
-    return x.device.type == "cpu" and x.dtype == torch.float32 and pointwise_backend() == "conv"
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    name = _pointwise.value
+    if name == "measure":
+        return not torch.compiler.is_compiling() or _AUTO_POINTWISE == "conv"
+    return name == "conv"
 
 
 def linear_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: Any) -> torch.Tensor:
@@ -306,13 +375,23 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     only: under ``torch.compile`` (and ``torch.export``) they take ``F.linear``, which measured faster there
     in the model (deit_tiny, one sample: 1.05x the original with ``F.linear``, 1.16x with the conv). 2-D rows
     without ``batch`` always take ``F.linear``: those are a block's few extra tokens, for which a conv call
-    costs more than the product."""
+    costs more than the product. In ``measure`` mode (:func:`pointwise_backend`) eager calls where the conv
+    applies take whichever of the two measured faster for their kind of call."""
     if x.dim() == 4:
         conv = use_conv_pointwise(x)
     else:
         conv = not torch.compiler.is_compiling() and (x.dim() == 3 or batch is not None) and use_conv_pointwise(x)
     if not conv:
         return F.linear(x, weight, bias)
+    if _pointwise.value == "measure" and not capturing() and not exporting():
+        key = (tuple(x.shape), x.is_contiguous(), tuple(weight.shape), bias is not None, batch,
+               torch.is_grad_enabled(), torch.get_num_threads())
+        return _measured.run(key, lambda: _conv_pointwise(x, weight, bias, batch),
+                             lambda: F.linear(x, weight, bias))
+    return _conv_pointwise(x, weight, bias, batch)
+
+
+def _conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: Any) -> torch.Tensor:
     if x.dim() == 4:
         return linear_channels_last(x, weight, bias)
     return linear_rows(x, weight, bias, x.shape[0] if x.dim() == 3 else batch)
