@@ -492,15 +492,18 @@ def test_cpu_dependent_settings(monkeypatch, name):
         set_(prev)
 
 
-def test_first_compiled_call_has_no_graph_break():
-    """The backend is resolved at import: a fresh process whose first call is compiled traces one graph."""
+@pytest.mark.parametrize("backend", ["auto", "measure"])
+def test_first_compiled_call_has_no_graph_break(backend):
+    """The backend is resolved at import: a fresh process whose first call is compiled traces one graph (in
+    ``measure`` mode too: nothing is timed in a graph)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])  # this checkout's localify, not another install
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+           "LOCALIFY_POINTWISE": backend}
     code = (
         "import torch, torch._dynamo\n"
         "from torch import nn\n"
