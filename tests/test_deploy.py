@@ -329,35 +329,62 @@ def test_compile_inductor_fused_matches_eager():
         _assert_close(compiled(xx), model(xx), 1e-4)
 
 
+@pytest.mark.parametrize("backend", ["linear", "conv"])
 @pytest.mark.parametrize("variant", ["dwconv", "localvit-fused"])
-def test_compile_inductor_one_sample_depthwise_convs_read_channels_last(variant):
-    """Inductor at batch 1: every depth-wise conv of the compiled code reads a dense channels-last input with
-    its real batch stride. A batch stride of 0 (inductor's choice for a size-1 dim of a permuted view) made
-    oneDNN run the conv in NCHW with a transposing copy in and out (``localvit`` fused: 1.35-1.44x the
-    original compiled on an Intel Xeon, 1.14-1.21x with the strides kept)."""
+def test_compile_inductor_one_sample_depthwise_convs_read_channels_last(variant, backend):
+    """Inductor at batch 1: every depth-wise conv of the compiled code reads the hidden map where the
+    projection wrote it (no copy), channels-last with its real batch stride. A batch stride of 0 (inductor's
+    choice for a size-1 dim of a permuted view) made oneDNN run the conv in NCHW with a transposing copy in
+    and out (``localvit`` fused: 1.35-1.44x the original compiled on an Intel Xeon, 1.14-1.21x with the
+    strides kept). With either point-wise backend: with ``linear`` the conv reads a reinterpreted view of the
+    product; with ``conv`` the 1x1 conv's own output, whose layout follows its input's (without explicit
+    strides, inductor copied that output into a fresh buffer on an AMD EPYC; with ``linear`` it gave the
+    batch stride 0 on the Intel Xeon)."""
     import re
 
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
+    from localify.layers import set_pointwise_backend
+
     model = timm_vit(variant)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
-    x = _img(1, *TRACE)
-    with torch.no_grad():
-        y, codes = run_and_get_code(compiled, x)
-        _assert_close(y, model(x), 1e-4)
+    prev = set_pointwise_backend(backend)
+    try:
+        compiled = torch.compile(model, fullgraph=True)
+        x = _img(1, *TRACE)
+        with torch.no_grad():
+            y, codes = run_and_get_code(compiled, x)
+            _assert_close(y, model(x), 1e-4)
+    finally:
+        set_pointwise_backend(prev)
+        torch._dynamo.reset()
     code = "\n".join(codes)
+
+    def source(arg: str) -> str:
+        """The expression a conv argument stands for: a buffer name followed through its definitions (a
+        ``bufB = bufA; del bufA  # reuse`` alias is followed on to ``bufA``)."""
+        while re.fullmatch(r"buf\d+", arg):
+            arg = re.search(rf"^\s*{arg} = (.*?)(?:; del .*)?$", code, re.M).group(1)
+        return arg
+
+    def channels_last(c: int, gh: int, gw: int) -> str:
+        return f"(1, {c}, {gh}, {gw}), ({gh * gw * c}, 1, {gw * c}, {c})"
+
     calls = re.findall(r"extern_kernels\.convolution\((.*)\)$", code, re.M)
     depthwise = [c for c in calls if not re.search(r"groups=1\b", c)]
     assert len(depthwise) == 2, calls  # one per block
-    hid, (gh, gw) = 128, (TRACE[0] // 16, TRACE[1] // 16)
-    layout = f"(1, {hid}, {gh}, {gw}), ({gh * gw * hid}, 1, {gw * hid}, {hid})"
-    for c in depthwise:  # the input: a reinterpreted buffer, or a buffer defined as one earlier in the code
-        arg = c
-        if not arg.startswith("reinterpret_tensor("):
-            arg = re.search(rf"^\s*{c.split(',')[0]} = (.*)$", code, re.M).group(1)
-        assert layout in arg, (c, arg)
+    dim, hid, (gh, gw) = 32, 128, (TRACE[0] // 16, TRACE[1] // 16)
+    for c in depthwise:
+        arg = source(c.split(", ")[0] if not c.startswith("reinterpret_tensor(") else c)
+        if arg.startswith("extern_kernels.convolution("):  # the 1x1 conv's fresh output: check its input
+            assert backend == "conv" and re.search(r"groups=1\b", arg), arg  # a 1x1 conv: fc1
+            arg = arg.removeprefix("extern_kernels.convolution(")
+            if not arg.startswith("reinterpret_tensor("):
+                arg = source(arg.split(", ")[0])
+            assert channels_last(dim, gh, gw) in arg, (c, arg)
+        else:
+            assert arg.startswith("reinterpret_tensor(") and channels_last(hid, gh, gw) in arg, (c, arg)
 
 
 # ------------------------------------------------------------------------------------------------ retrofit
