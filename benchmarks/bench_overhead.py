@@ -4,6 +4,7 @@
     python benchmarks/bench_overhead.py --model deit_small_patch16_224 --batches 1 8 --threads 2
     python benchmarks/bench_overhead.py --kw class_token=False --kw global_pool="'avg'"   # no extra tokens
     python benchmarks/bench_overhead.py --floor              # + the cost of the conv calls alone
+    python benchmarks/bench_overhead.py --pointwise conv linear measure   # the converted model per backend
 
 Each round times the original and the converted model back to back (inference mode, 224x224, random
 weights), so machine noise hits both; the table shows medians over rounds and their ratio.
@@ -15,6 +16,10 @@ lower bound for what a conversion can reach with PyTorch's CPU convolution on th
 the model's point-wise primitive: where localify runs the projections of a converted block as 1x1 convolutions
 (localify.layers.pointwise_backend() is "conv", e.g. on AMD CPUs), a converted model can run below it, and
 benchmarks/bench_runtimes.py times the original with that primitive too.
+
+--pointwise NAME... times the converted model once per point-wise backend (localify.layers.pointwise_backend:
+conv, linear, measure, auto) in the same rounds, the backend switched right before each of its calls (the
+choices of "measure" are made in the warm-up and kept across the switches).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from localify.layers import (
     PointwiseLinear,
     conv_activation_fusion,
     pointwise_backend,
+    set_pointwise_backend,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +81,8 @@ def conv_call_floor(converted: torch.nn.Module) -> torch.nn.Module:
 
 
 def bench(model_name: str, batches: list[int], threads: int, rounds: int, variant: str, layers: str,
-          model_kwargs: dict | None = None, floor: bool = False, timer: str = "wall") -> list[dict]:
+          model_kwargs: dict | None = None, floor: bool = False, timer: str = "wall",
+          backends: list[str] | tuple[str, ...] = ()) -> list[dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
@@ -83,17 +90,21 @@ def bench(model_name: str, batches: list[int], threads: int, rounds: int, varian
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         localify.localify(conv, layers=layers, variant=variant)
-    models = [base, conv] + ([conv_call_floor(conv)] if floor else [])
+    default = pointwise_backend()
+    runs = [(base, default), (conv, default)] + ([(conv_call_floor(conv), default)] if floor else [])
+    runs += [(conv, name) for name in backends]
     rows = []
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, 3, 224, 224)
             iters = max(2, 16 // b)
-            for m in models:  # warm-up
+            for m, backend in runs:  # warm-up
+                set_pointwise_backend(backend)
                 per_call(m, x, 2)
-            times = [[] for _ in models]
+            times = [[] for _ in runs]
             for _ in range(rounds):
-                for m, t in zip(models, times):
+                for (m, backend), t in zip(runs, times):
+                    set_pointwise_backend(backend)
                     t.append(per_call(m, x, iters, CLOCKS[timer]))
             tb, tc = times[0], times[1]
             mb, mc = statistics.median(tb), statistics.median(tc)
@@ -102,6 +113,9 @@ def bench(model_name: str, batches: list[int], threads: int, rounds: int, varian
                          "ratio_paired": statistics.median(c / o for c, o in zip(tc, tb))})
             if floor:
                 rows[-1]["floor"] = statistics.median(times[2]) / mb
+            rows[-1]["backends"] = {name: statistics.median(t) / mb for name, t in zip(backends, times[-len(backends):])
+                                    } if backends else {}
+    set_pointwise_backend(None)
     return rows
 
 
@@ -119,21 +133,27 @@ def main() -> None:
                     help="wall clock, or CPU time (steadier on a busy machine; use with --threads 1)")
     ap.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE",
                     help="timm.create_model keyword (VALUE is a Python literal), e.g. class_token=False")
+    ap.add_argument("--pointwise", nargs="+", default=[], metavar="BACKEND",
+                    choices=["auto", "conv", "linear", "measure"],
+                    help="also time the converted model with each of these point-wise backends")
     args = ap.parse_args()
     kwargs = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.kw)}
     rows = bench(args.model, args.batches, args.threads, args.rounds, args.variant, args.layers, kwargs,
-                 args.floor, args.timer)
+                 args.floor, args.timer, args.pointwise)
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     print(f"{args.model}{extra}, variant={args.variant}, layers={args.layers}, {args.threads} threads, 224x224, "
           f"inference, medians of {args.rounds} interleaved rounds, point-wise backend {pointwise_backend()}, "
           f"activation in the conv {'on' if conv_activation_fusion() else 'off'}")
     print(f"{'batch':>5} {'original ms':>12} {'converted ms':>13} {'ratio':>7} {'min/min':>8} {'paired':>7}"
-          + (f" {'floor':>7}" if args.floor else ""))
+          + (f" {'floor':>7}" if args.floor else "") + "".join(f" {'pw=' + n:>10}" for n in args.pointwise))
     for r in rows:
         print(f"{r['batch']:>5} {r['original_ms']:>12.2f} {r['converted_ms']:>13.2f} {r['ratio']:>7.3f} "
-              f"{r['ratio_of_min']:>8.3f} {r['ratio_paired']:>7.3f}" + (f" {r['floor']:>7.3f}" if args.floor else ""))
+              f"{r['ratio_of_min']:>8.3f} {r['ratio_paired']:>7.3f}" + (f" {r['floor']:>7.3f}" if args.floor else "")
+              + "".join(f" {v:>10.3f}" for v in r["backends"].values()))
     print("ratio: of the medians; min/min: of the fastest rounds; paired: median of per-round ratios"
-          + ("; floor: the conv calls alone, ratio of the medians" if args.floor else ""))
+          + ("; floor: the conv calls alone, ratio of the medians" if args.floor else "")
+          + ("; pw=NAME: the converted model with that point-wise backend, ratio of the medians"
+             if args.pointwise else ""))
 
 
 if __name__ == "__main__":

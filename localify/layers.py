@@ -276,7 +276,8 @@ def pointwise_backend() -> str:
     then mix both, so their outputs differ from later ones by float rounding (about 1e-7 relative), and two
     processes may choose differently. Only the forward is timed. Under ``torch.compile`` it acts as ``auto``.
     Measured on an AMD EPYC (Zen 4, 2 threads) whose ``auto`` choice, the conv, was the slower one at batch
-    1 and the faster at batch 16. Setting the backend again (to anything) clears the measurements.
+    1 and the faster at batch 16. The choices hold for the process (as cuDNN's benchmark cache does), also
+    across switches of the backend.
     """
     return _pointwise.value
 
@@ -285,9 +286,7 @@ def set_pointwise_backend(name: str | None) -> str | None:
     """Choose the eager point-wise primitive (``conv``, ``linear``, ``measure``, ``auto``; None: back to the
     ``LOCALIFY_POINTWISE`` environment variable, read now, or ``auto``). Returns the previous setting.
     See :func:`pointwise_backend`."""
-    prev = _pointwise.set(name)
-    _measured.reset()
-    return prev
+    return _pointwise.set(name)
 
 
 def pointwise_measurements() -> dict[tuple, str]:

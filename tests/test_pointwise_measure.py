@@ -46,6 +46,7 @@ class CostClock(TorchDispatchMode):
 def measure(monkeypatch):
     """``measure`` mode with a fake clock; the previous setting (and a clean table) afterwards."""
     prev = set_pointwise_backend("measure")
+    layers._measured.reset()
 
     def use(clock: CostClock) -> CostClock:
         monkeypatch.setattr(layers._measured, "clock", clock.now)
@@ -53,6 +54,7 @@ def measure(monkeypatch):
 
     yield use
     set_pointwise_backend(prev)
+    layers._measured.reset()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,8 +90,16 @@ def test_measure_keeps_the_faster_primitive(measure, faster, kind):
     (key, chosen), = pointwise_measurements().items()
     assert chosen == faster and key[0] == tuple(x.shape) and key[4] == batch
     assert pointwise_backend() == "measure"
-    set_pointwise_backend("measure")  # setting it again clears the table
-    assert pointwise_measurements() == {}
+    set_pointwise_backend("linear")  # the choice outlives a switch of the backend
+    with torch.inference_mode(), clock:
+        clock.ran.clear()
+        pointwise(x, w, b, batch)
+        assert set(clock.ran) == {"linear"}
+        set_pointwise_backend("measure")
+        clock.ran.clear()
+        pointwise(x, w, b, batch)
+        assert set(clock.ran) == {faster}
+    assert pointwise_measurements() == {key: faster}
 
 
 def test_measure_decides_each_kind_of_call_apart(measure):
