@@ -7,7 +7,8 @@
     python benchmarks/bench_overhead.py --pointwise conv linear measure   # the converted model per backend
 
 Each round times the original and the converted model back to back (inference mode, 224x224, random
-weights), so machine noise hits both; the table shows medians over rounds and their ratio.
+weights), so machine noise hits both, starting one model further along each round (the position in a round
+moved a ratio by several % at batch 1); the table shows medians over rounds and their ratio.
 
 --floor times a third model in the same rounds: the original plus, in every converted MLP, one depth-wise conv
 over the hidden grid right after fc1 whose result is thrown away (a contiguous grid of the same size, so no
@@ -47,7 +48,7 @@ from localify.layers import (
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stable import CLOCKS, per_call, stable_allocator  # noqa: E402
+from _stable import CLOCKS, per_call, rotating_rounds, stable_allocator  # noqa: E402
 
 
 class ConvCallOnly(LocalityLinear):
@@ -102,10 +103,10 @@ def bench(model_name: str, batches: list[int], threads: int, rounds: int, varian
                 set_pointwise_backend(backend)
                 per_call(m, x, 2)
             times = [[] for _ in runs]
-            for _ in range(rounds):
-                for (m, backend), t in zip(runs, times):
+            for order in rotating_rounds(dict(enumerate(runs)), rounds):
+                for i, (m, backend) in order:
                     set_pointwise_backend(backend)
-                    t.append(per_call(m, x, iters, CLOCKS[timer]))
+                    times[i].append(per_call(m, x, iters, CLOCKS[timer]))
             tb, tc = times[0], times[1]
             mb, mc = statistics.median(tb), statistics.median(tc)
             rows.append({"batch": b, "original_ms": mb * 1e3, "converted_ms": mc * 1e3, "ratio": mc / mb,
