@@ -240,11 +240,14 @@ class _Measured:
 
     def run(self, key: tuple, conv: Any, linear: Any) -> torch.Tensor:
         chosen = self.choice.get(key)
+        if chosen is None:
+            with self.lock:  # checked again: another thread may have just decided (and dropped the samples)
+                chosen = self.choice.get(key)
+                if chosen is None:
+                    conv_t, lin_t = self.samples.setdefault(key, ([], []))
+                    use_conv = len(conv_t) <= len(lin_t)
         if chosen is not None:
             return conv() if chosen else linear()
-        with self.lock:
-            conv_t, lin_t = self.samples.setdefault(key, ([], []))
-            use_conv = len(conv_t) <= len(lin_t)
         t = self.clock()
         y = conv() if use_conv else linear()
         t = self.clock() - t
