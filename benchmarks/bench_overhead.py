@@ -92,6 +92,7 @@ def bench(model_name: str, batches: list[int], threads: int, rounds: int, varian
         warnings.simplefilter("ignore")
         localify.localify(conv, layers=layers, variant=variant)
     default = pointwise_backend()
+    prev = set_pointwise_backend(default)  # restored at the end
     runs = [(base, default), (conv, default)] + ([(conv_call_floor(conv), default)] if floor else [])
     runs += [(conv, name) for name in backends]
     rows = []
@@ -114,9 +115,9 @@ def bench(model_name: str, batches: list[int], threads: int, rounds: int, varian
                          "ratio_paired": statistics.median(c / o for c, o in zip(tc, tb))})
             if floor:
                 rows[-1]["floor"] = statistics.median(times[2]) / mb
-            rows[-1]["backends"] = {name: statistics.median(t) / mb for name, t in zip(backends, times[-len(backends):])
-                                    } if backends else {}
-    set_pointwise_backend(None)
+            extra = times[len(times) - len(backends):]
+            rows[-1]["backends"] = {name: statistics.median(t) / mb for name, t in zip(backends, extra)}
+    set_pointwise_backend(prev)
     return rows
 
 

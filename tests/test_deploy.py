@@ -368,6 +368,10 @@ def test_compile_inductor_one_sample_depthwise_convs_read_channels_last(variant,
             arg = re.search(rf"^\s*{arg} = (.*?)(?:; del .*)?$", code, re.M).group(1)
         return arg
 
+    def first_input(args: str) -> str:
+        """The first argument of a conv call: a reinterpreted buffer as written, else its definition."""
+        return args if args.startswith("reinterpret_tensor(") else source(args.split(", ")[0])
+
     def channels_last(c: int, gh: int, gw: int) -> str:
         return f"(1, {c}, {gh}, {gw}), ({gh * gw * c}, 1, {gw * c}, {c})"
 
@@ -376,12 +380,10 @@ def test_compile_inductor_one_sample_depthwise_convs_read_channels_last(variant,
     assert len(depthwise) == 2, calls  # one per block
     dim, hid, (gh, gw) = 32, 128, (TRACE[0] // 16, TRACE[1] // 16)
     for c in depthwise:
-        arg = source(c.split(", ")[0] if not c.startswith("reinterpret_tensor(") else c)
+        arg = first_input(c)
         if arg.startswith("extern_kernels.convolution("):  # the 1x1 conv's fresh output: check its input
             assert backend == "conv" and re.search(r"groups=1\b", arg), arg  # a 1x1 conv: fc1
-            arg = arg.removeprefix("extern_kernels.convolution(")
-            if not arg.startswith("reinterpret_tensor("):
-                arg = source(arg.split(", ")[0])
+            arg = first_input(arg.removeprefix("extern_kernels.convolution("))
             assert channels_last(dim, gh, gw) in arg, (c, arg)
         else:
             assert arg.startswith("reinterpret_tensor(") and channels_last(hid, gh, gw) in arg, (c, arg)
