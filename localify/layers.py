@@ -266,7 +266,9 @@ def pointwise_backend() -> str:
     """How converted blocks run point-wise projections of a token grid in eager mode: ``conv`` or ``linear``.
 
     ``linear`` is ``F.linear`` (MKL's sgemm on x86 builds); ``conv`` is a 1x1 ``F.conv2d`` of the grid's
-    channels-last view (oneDNN). Both compute the same product (float rounding aside, about 1e-7 relative).
+    channels-last view (oneDNN; with one thread and fewer than 16 samples PyTorch's own rule sends a 1x1 conv
+    to its native GEMM path instead, which ran within 10% of ``F.linear`` in a loop at batch 1 and 4). Both
+    compute the same product (float rounding aside, about 1e-7 relative).
     Set by :func:`set_pointwise_backend`, else by the ``LOCALIFY_POINTWISE`` environment variable (``conv``,
     ``linear``, ``measure`` or ``auto``) as it was when localify was imported, else ``auto``: ``conv`` on AMD
     CPUs with an MKL build, ``linear`` elsewhere. ``conv`` applies to float32 CPU tensors. Under
