@@ -263,7 +263,8 @@ _measured = _Measured()
 
 
 def pointwise_backend() -> str:
-    """How converted blocks run point-wise projections of a token grid in eager mode: ``conv`` or ``linear``.
+    """How converted blocks run point-wise projections of a token grid in eager mode: ``conv``, ``linear`` or
+    ``measure`` (``auto`` is resolved to one of the first two).
 
     ``linear`` is ``F.linear`` (MKL's sgemm on x86 builds); ``conv`` is a 1x1 ``F.conv2d`` of the grid's
     channels-last view (oneDNN; with one thread and fewer than 16 samples PyTorch's own rule sends a 1x1 conv
